@@ -1,0 +1,59 @@
+"""The daemon: one volume, one stack, one FUSE session, in one process.
+
+Where it sits: it assembles the data flow for one mount (volume -> backend ->
+instance stack -> kernel adapter), serves it, and tears it down in order when
+the mount goes away: FUSE mount, backend descriptors, backing mount, loop
+device.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import resource
+from collections.abc import Callable
+
+from ._backend.passthrough import PassthroughBackend
+from ._kernel import FuseOptions, KernelAdapter, serve
+from ._stack import InstanceStack
+from ._volume import Volume
+
+log = logging.getLogger("fltfuse.daemon")
+
+
+def _raise_descriptor_limit() -> None:
+    """Every inode the kernel knows is pinned by a descriptor: allow as many as the system does."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if os.geteuid() == 0:
+        try:
+            with open("/proc/sys/fs/nr_open") as f:
+                hard = max(hard, int(f.read()))
+        except OSError:
+            pass
+    for limit in (hard, 1 << 20, 1 << 16):
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (min(limit, hard), hard))
+            return
+        except (ValueError, OSError):
+            continue
+
+
+def run(source: str, mountpoint: str, options: FuseOptions, *, log_path: str | None, on_ready: Callable[[], None]) -> None:
+    """Serve ``source`` at ``mountpoint`` until unmounted; clean up everything on the way out."""
+    os.umask(0)  # the kernel already applied the caller's umask to every mode we get
+    os.chdir("/")
+    _raise_descriptor_limit()
+    volume = Volume(source, mountpoint, read_only=options.read_only)
+    backing = volume.bring_up(log_path)
+    try:
+        backend = PassthroughBackend(backing)
+        try:
+            stack = InstanceStack(backend)
+            adapter = KernelAdapter(stack, backend, attr_timeout=options.attr_timeout, entry_timeout=options.entry_timeout)
+            log.info("serving %s at %s (backing %s)", source, volume.mountpoint, backing)
+            serve(adapter, volume.mountpoint, options, on_ready)
+            log.info("%s unmounted", volume.mountpoint)
+        finally:
+            backend.close()
+    finally:
+        volume.tear_down()

@@ -1,0 +1,469 @@
+"""The kernel adapter: each FUSE request becomes one CallbackData, and io_status becomes the reply.
+
+Where it sits: stage (1) of the data flow, the only code that imports pyfuse3 or
+raises ``FUSEError``. Each method builds the parameters for its request (the
+table below), awaits the instance stack, and answers the kernel from the
+parameters' output fields; a failure status becomes an errno through the one
+table in ``fltfuse._status``.
+
+=================  ===========================  ===========================================
+FUSE request       major function (minor)       parameters
+=================  ===========================  ===========================================
+lookup             LOOKUP                       LookupParameters
+forget             FORGET (not dispatched)      the backend drops its pin at zero lookups
+getattr            QUERY_INFORMATION (ALL)      QueryInformationParameters
+setattr            SET_INFORMATION (BASIC or    SetAttributesParameters
+                   END_OF_FILE)
+readlink           FILE_SYSTEM_CONTROL          FileSystemControlParameters
+                   (GET_REPARSE_POINT)
+mknod, mkdir,      CREATE (disposition CREATE)  CreateParameters (file_type from the mode)
+symlink
+open, opendir      CREATE (disposition OPEN)    CreateParameters (handle_requested)
+create             CREATE (CREATE / OPEN_IF /   CreateParameters (handle_requested)
+                   OVERWRITE_IF)
+unlink, rmdir      SET_INFORMATION              DispositionParameters
+                   (DISPOSITION)
+rename             SET_INFORMATION (RENAME_EX)  RenameParameters
+link               SET_INFORMATION (LINK)       LinkParameters
+read               READ                         ReadParameters
+write              WRITE                        WriteParameters
+flush              CLEANUP                      CleanupParameters (never fails)
+release,           CLOSE                        CloseParameters (never fails)
+releasedir
+fsync, fsyncdir    FLUSH_BUFFERS                FlushBuffersParameters
+readdir(plus)      DIRECTORY_CONTROL            DirectoryControlParameters
+                   (QUERY_DIRECTORY)
+statfs             QUERY_VOLUME_INFORMATION     QueryVolumeInformationParameters
+getxattr,          QUERY_EA (GET / LIST)        QueryEaParameters
+listxattr
+setxattr,          SET_EA (SET / REMOVE)        SetEaParameters
+removexattr
+access             ACCESS                       AccessParameters
+=================  ===========================  ===========================================
+
+The exception boundary: pyfuse3 ends its main loop on any exception other than
+``FUSEError``, so every request method runs inside :func:`_boundary`, which
+logs any other exception with the request and its arguments and answers EIO.
+CLEANUP and CLOSE cannot fail: their errors are logged and the caller succeeds.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import stat
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+
+import pyfuse3
+
+from .._backend.passthrough import PassthroughBackend
+from .._callback_data import (
+    AccessParameters,
+    CallbackData,
+    CleanupParameters,
+    CloseParameters,
+    CreateDisposition,
+    CreateParameters,
+    DirectoryControlParameters,
+    DispositionParameters,
+    EaMinor,
+    FileAttributes,
+    FileInformationClass,
+    FileObject,
+    FileSystemControlParameters,
+    FileType,
+    FlushBuffersParameters,
+    LinkParameters,
+    LookupParameters,
+    MajorFunction,
+    Parameters,
+    QueryEaParameters,
+    QueryInformationParameters,
+    QueryVolumeInformationParameters,
+    ReadParameters,
+    RenameParameters,
+    Requestor,
+    SetAttributesParameters,
+    SetEaParameters,
+    WriteParameters,
+)
+from .._stack import InstanceStack
+from .._status import errno_from_status
+
+log = logging.getLogger("fltfuse.kernel")
+
+_F = TypeVar("_F", bound=Callable[..., Awaitable[Any]])
+
+
+def _boundary(method: _F) -> _F:
+    """Answer EIO, and log, for any exception but FUSEError escaping a request."""
+    name = method.__name__
+
+    @functools.wraps(method)
+    async def guarded(self: KernelAdapter, *args: Any) -> Any:
+        try:
+            return await method(self, *args)
+        except pyfuse3.FUSEError:
+            raise
+        except Exception:
+            log.exception("internal error in FUSE %s%r; answered EIO", name, _loggable(args))
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return guarded  # type: ignore[return-value]
+
+
+def _loggable(args: tuple[Any, ...]) -> tuple[Any, ...]:
+    out = []
+    for a in args:
+        if isinstance(a, (bytes, bytearray, memoryview)) and len(a) > 64:
+            a = f"<{len(a)} bytes>"
+        elif type(a).__module__ == "pyfuse3":
+            a = type(a).__name__
+        out.append(a)
+    return tuple(out)
+
+
+def _requestor(ctx: pyfuse3.RequestContext) -> Requestor:
+    return Requestor(ctx.pid, ctx.uid, ctx.gid, ctx.umask)
+
+
+_KERNEL = Requestor(0, 0, 0, 0)  # for requests the kernel makes on its own (forget)
+
+
+class KernelAdapter(pyfuse3.Operations):
+    """pyfuse3 Operations that turn each request into a CallbackData for ``stack``.
+
+    ``attr_timeout`` and ``entry_timeout`` are how long the kernel may cache
+    attributes and names; the adapter uses 0 for a kind of request an attached
+    instance registered for, so the instance sees every one.
+    """
+
+    supports_dot_lookup = True
+    enable_acl = True
+    enable_writeback_cache = False
+
+    def __init__(
+        self,
+        stack: InstanceStack,
+        backend: PassthroughBackend,
+        *,
+        attr_timeout: float = 60.0,
+        entry_timeout: float = 60.0,
+    ):
+        super().__init__()
+        self._stack = stack
+        self._backend = backend
+        self._attr_timeout_max = attr_timeout
+        self._entry_timeout_max = entry_timeout
+        self._files: dict[int, FileObject] = {}
+        self.refresh_cache_policy()
+
+    def refresh_cache_policy(self) -> None:
+        """Recompute what the kernel may cache from what the attached instances see."""
+        sees = self._stack.sees
+        self._attr_timeout = 0.0 if sees(MajorFunction.QUERY_INFORMATION) else self._attr_timeout_max
+        self._entry_timeout = 0.0 if sees(MajorFunction.LOOKUP) else self._entry_timeout_max
+        self._keep_cache = not sees(MajorFunction.READ)
+
+    # -- plumbing -------------------------------------------------------------
+
+    async def _call(self, target: FileObject, params: Parameters, requestor: Requestor) -> CallbackData:
+        cbd = CallbackData(target, params, requestor)
+        await self._stack.dispatch(cbd)
+        status = cbd.io_status.status
+        if status:
+            code = errno_from_status(status)
+            if code:
+                raise pyfuse3.FUSEError(code)
+        return cbd
+
+    def _entry(self, a: FileAttributes | None) -> pyfuse3.EntryAttributes:
+        if a is None:
+            raise ValueError("the request succeeded without attributes")
+        e = pyfuse3.EntryAttributes()
+        e.st_ino = a.ino
+        e.generation = 0
+        e.entry_timeout = self._entry_timeout
+        e.attr_timeout = self._attr_timeout
+        e.st_mode = a.mode
+        e.st_nlink = a.nlink
+        e.st_uid = a.uid
+        e.st_gid = a.gid
+        e.st_rdev = a.rdev
+        e.st_size = a.size
+        e.st_blksize = a.blksize
+        e.st_blocks = a.blocks
+        e.st_atime_ns = a.atime_ns
+        e.st_mtime_ns = a.mtime_ns
+        e.st_ctime_ns = a.ctime_ns
+        return e
+
+    def _file(self, fh: int) -> FileObject:
+        fo = self._files.get(fh)
+        if fo is None:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        return fo
+
+    def _opened(self, fo: FileObject, params: CreateParameters) -> int:
+        fh = params.handle
+        if fh is None:
+            raise ValueError("CREATE succeeded without a handle")
+        fo.handle = fh
+        self._files[fh] = fo
+        return fh
+
+    def _file_info(self, fh: int, flags: int) -> pyfuse3.FileInfo:
+        return pyfuse3.FileInfo(fh=fh, keep_cache=self._keep_cache and not flags & os.O_DIRECT)
+
+    async def _never_fails(self, fo: FileObject, params: Parameters) -> None:
+        """CLEANUP and CLOSE: the caller's close(2) succeeds whatever happens below."""
+        try:
+            await self._call(fo, params, fo.opener or _KERNEL)
+        except pyfuse3.FUSEError as exc:
+            log.error("%s of %r failed with %s; the caller still succeeds", params.MAJOR.name, fo, errno.errorcode.get(exc.errno, exc.errno))
+
+    # -- names and attributes ---------------------------------------------------
+
+    @_boundary
+    async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        p = LookupParameters(parent_inode, name)
+        await self._call(FileObject(parent_inode), p, _requestor(ctx))
+        return self._entry(p.attributes)
+
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        for inode, count in inode_list:
+            try:
+                self._backend.forget(inode, count)
+            except Exception:
+                log.exception("internal error forgetting inode %d (%d lookups)", inode, count)
+
+    @_boundary
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        p = QueryInformationParameters()
+        await self._call(FileObject(inode), p, _requestor(ctx))
+        return self._entry(p.attributes)
+
+    @_boundary
+    async def setattr(
+        self,
+        inode: int,
+        attr: pyfuse3.EntryAttributes,
+        fields: pyfuse3.SetattrFields,
+        fh: int | None,
+        ctx: pyfuse3.RequestContext,
+    ) -> pyfuse3.EntryAttributes:
+        p = SetAttributesParameters(FileInformationClass.BASIC)
+        if fields.update_size:
+            p.size = attr.st_size
+        if fields.update_mode:
+            p.mode = attr.st_mode
+        if fields.update_uid:
+            p.uid = attr.st_uid
+        if fields.update_gid:
+            p.gid = attr.st_gid
+        if fields.update_atime:
+            p.atime_ns = attr.st_atime_ns
+        if fields.update_mtime:
+            p.mtime_ns = attr.st_mtime_ns
+        if p.size is not None and p.mode is None and p.uid is None and p.gid is None and p.atime_ns is None and p.mtime_ns is None:
+            p.information_class = FileInformationClass.END_OF_FILE
+        fo = self._files.get(fh) if fh is not None else None
+        await self._call(fo or FileObject(inode), p, _requestor(ctx))
+        return self._entry(p.attributes)
+
+    @_boundary
+    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        p = FileSystemControlParameters()
+        await self._call(FileObject(inode), p, _requestor(ctx))
+        if p.target is None:
+            raise ValueError("readlink succeeded without a target")
+        return p.target
+
+    # -- making and removing names ----------------------------------------------
+
+    async def _make(self, parent: int, params: CreateParameters, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        await self._call(FileObject(parent), params, _requestor(ctx))
+        return self._entry(params.attributes)
+
+    @_boundary
+    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        p = CreateParameters(CreateDisposition.CREATE, FileType(stat.S_IFMT(mode)), 0, parent_inode, name, stat.S_IMODE(mode), rdev)
+        return await self._make(parent_inode, p, ctx)
+
+    @_boundary
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        p = CreateParameters(CreateDisposition.CREATE, FileType.DIRECTORY, os.O_DIRECTORY, parent_inode, name, stat.S_IMODE(mode))
+        return await self._make(parent_inode, p, ctx)
+
+    @_boundary
+    async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        p = CreateParameters(CreateDisposition.CREATE, FileType.SYMLINK, 0, parent_inode, name, 0o777, link_target=target)
+        return await self._make(parent_inode, p, ctx)
+
+    @_boundary
+    async def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        p = LinkParameters(new_parent_inode, new_name)
+        await self._call(FileObject(inode), p, _requestor(ctx))
+        return self._entry(p.attributes)
+
+    @_boundary
+    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        await self._call(FileObject(parent_inode), DispositionParameters(parent_inode, name, False), _requestor(ctx))
+
+    @_boundary
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        await self._call(FileObject(parent_inode), DispositionParameters(parent_inode, name, True), _requestor(ctx))
+
+    @_boundary
+    async def rename(
+        self,
+        parent_inode_old: int,
+        name_old: bytes,
+        parent_inode_new: int,
+        name_new: bytes,
+        flags: int,
+        ctx: pyfuse3.RequestContext,
+    ) -> None:
+        p = RenameParameters(parent_inode_old, name_old, parent_inode_new, name_new, flags)
+        await self._call(FileObject(parent_inode_old), p, _requestor(ctx))
+
+    # -- open files ---------------------------------------------------------------
+
+    @_boundary
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        req = _requestor(ctx)
+        fo = FileObject(inode, None, flags, req)
+        p = CreateParameters(CreateDisposition.OPEN, FileType.REGULAR, flags, handle_requested=True)
+        await self._call(fo, p, req)
+        return self._file_info(self._opened(fo, p), flags)
+
+    @_boundary
+    async def create(
+        self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
+    ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        req = _requestor(ctx)
+        if flags & os.O_EXCL:
+            disposition = CreateDisposition.CREATE
+        elif flags & os.O_TRUNC:
+            disposition = CreateDisposition.OVERWRITE_IF
+        else:
+            disposition = CreateDisposition.OPEN_IF
+        p = CreateParameters(disposition, FileType.REGULAR, flags, parent_inode, name, stat.S_IMODE(mode), handle_requested=True)
+        fo = FileObject(parent_inode, None, flags, req)
+        await self._call(fo, p, req)
+        entry = self._entry(p.attributes)
+        fo.inode = entry.st_ino
+        return self._file_info(self._opened(fo, p), flags), entry
+
+    @_boundary
+    async def read(self, fh: int, off: int, size: int) -> bytes | bytearray | memoryview:
+        fo = self._file(fh)
+        p = ReadParameters(off, size)
+        await self._call(fo, p, fo.opener or _KERNEL)
+        return p.data if p.data is not None else b""
+
+    @_boundary
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        fo = self._file(fh)
+        cbd = await self._call(fo, WriteParameters(off, buf), fo.opener or _KERNEL)
+        return cbd.io_status.information
+
+    @_boundary
+    async def flush(self, fh: int) -> None:
+        await self._never_fails(self._file(fh), CleanupParameters())
+
+    @_boundary
+    async def release(self, fh: int) -> None:
+        fo = self._files.pop(fh, None)
+        if fo is not None:
+            await self._never_fails(fo, CloseParameters())
+
+    @_boundary
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        fo = self._file(fh)
+        await self._call(fo, FlushBuffersParameters(datasync), fo.opener or _KERNEL)
+
+    # -- directories --------------------------------------------------------------
+
+    @_boundary
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        req = _requestor(ctx)
+        fo = FileObject(inode, None, os.O_RDONLY | os.O_DIRECTORY, req)
+        p = CreateParameters(CreateDisposition.OPEN, FileType.DIRECTORY, fo.flags, handle_requested=True)
+        await self._call(fo, p, req)
+        return self._opened(fo, p)
+
+    @_boundary
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        fo = self._file(fh)
+        p = DirectoryControlParameters(start_id)
+        await self._call(fo, p, fo.opener or _KERNEL)
+        for entry in p.entries:
+            if not pyfuse3.readdir_reply(token, entry.name, self._entry(entry.attributes), entry.next_offset):
+                break
+            if entry.name != b"." and entry.name != b"..":
+                self._backend.remember_listed(fh, entry)
+
+    @_boundary
+    async def releasedir(self, fh: int) -> None:
+        fo = self._files.pop(fh, None)
+        if fo is not None:
+            await self._never_fails(fo, CloseParameters(directory=True))
+
+    @_boundary
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        fo = self._file(fh)
+        await self._call(fo, FlushBuffersParameters(datasync, directory=True), fo.opener or _KERNEL)
+
+    # -- volume -------------------------------------------------------------------
+
+    @_boundary
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        p = QueryVolumeInformationParameters()
+        await self._call(FileObject(pyfuse3.ROOT_INODE), p, _requestor(ctx))
+        s = p.statistics
+        if s is None:
+            raise ValueError("statfs succeeded without statistics")
+        out = pyfuse3.StatvfsData()
+        out.f_bsize = s.block_size
+        out.f_frsize = s.fragment_size
+        out.f_blocks = s.blocks
+        out.f_bfree = s.blocks_free
+        out.f_bavail = s.blocks_available
+        out.f_files = s.files
+        out.f_ffree = s.files_free
+        out.f_favail = s.files_available
+        out.f_namemax = s.name_max
+        return out
+
+    # -- extended attributes --------------------------------------------------------
+
+    @_boundary
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        p = QueryEaParameters(EaMinor.GET, name)
+        await self._call(FileObject(inode), p, _requestor(ctx))
+        if p.value is None:
+            raise ValueError("getxattr succeeded without a value")
+        return p.value
+
+    @_boundary
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> Sequence[bytes]:
+        p = QueryEaParameters(EaMinor.LIST)
+        await self._call(FileObject(inode), p, _requestor(ctx))
+        return p.names or []
+
+    @_boundary
+    async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
+        await self._call(FileObject(inode), SetEaParameters(EaMinor.SET, name, value), _requestor(ctx))
+
+    @_boundary
+    async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        await self._call(FileObject(inode), SetEaParameters(EaMinor.REMOVE, name), _requestor(ctx))
+
+    @_boundary
+    async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:
+        await self._call(FileObject(inode), AccessParameters(mode), _requestor(ctx))
+        return True

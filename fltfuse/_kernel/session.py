@@ -1,0 +1,105 @@
+"""One FUSE session: mount options, the pyfuse3 main loop, signals, unmount.
+
+pyfuse3 serves one mount per process, so a daemon is one volume. ``serve``
+mounts, calls ``on_ready`` once the mount is live, runs the main loop on trio
+until the mount goes away (``fusermount3 -u``, ``umount``) or SIGTERM, SIGINT or
+SIGHUP arrives, and always unmounts before it returns.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import pyfuse3
+import trio
+
+from .operations import KernelAdapter
+
+log = logging.getLogger("fltfuse.kernel")
+
+# Options fltfuse itself consumes; every other option goes to libfuse and the kernel.
+_OWN_OPTIONS = {"attr_timeout", "entry_timeout"}
+
+
+@dataclass
+class FuseOptions:
+    """Mount options, split into fltfuse's own and those passed to the kernel."""
+
+    kernel: list[str] = field(default_factory=list)
+    attr_timeout: float = 60.0
+    entry_timeout: float = 60.0
+
+    @classmethod
+    def parse(cls, specs: list[str], *, fsname: str) -> FuseOptions:
+        """Parse ``-o`` values (comma-separated); add the defaults a root mount needs.
+
+        As root the volume is mounted ``allow_other,dev,suid`` so that other
+        users and device nodes work as on ext4; ``default_permissions`` is always
+        on, because the daemon acts as root on the backing file system and the
+        kernel must check every caller's permissions.
+        """
+        out = cls()
+        given: dict[str, str | None] = {}
+        for spec in specs:
+            for item in spec.split(","):
+                item = item.strip()
+                if not item:
+                    continue
+                key, _, value = item.partition("=")
+                given[key] = value if _ else None
+        for key in _OWN_OPTIONS & given.keys():
+            try:
+                setattr(out, key, float(given.pop(key) or ""))
+            except ValueError as exc:
+                raise ValueError(f"mount option {key} needs a number of seconds") from exc
+        given.pop("rw", None)
+        given.setdefault("fsname", fsname)
+        given.setdefault("subtype", "fltfuse")
+        given["default_permissions"] = None
+        if os.geteuid() == 0:
+            for key in ("allow_other", "dev", "suid"):
+                if "no" + key not in given:
+                    given.setdefault(key, None)
+        out.kernel = [k if v is None else f"{k}={v}" for k, v in given.items()]
+        return out
+
+    @property
+    def read_only(self) -> bool:
+        return "ro" in self.kernel
+
+
+def serve(adapter: KernelAdapter, mountpoint: str, options: FuseOptions, on_ready: Callable[[], None]) -> None:
+    """Mount ``adapter`` at ``mountpoint`` and serve until unmounted or signalled."""
+    pyfuse3.init(adapter, mountpoint, set(options.kernel))
+    unmounted = False
+    try:
+        on_ready()
+        trio.run(_main_loop)
+        unmounted = True
+    finally:
+        pyfuse3.close(unmount=not unmounted or _still_mounted(mountpoint))
+
+
+def _still_mounted(mountpoint: str) -> bool:
+    real = os.path.realpath(mountpoint)
+    with open("/proc/self/mounts") as f:
+        return any(line.split()[1] == real for line in f)
+
+
+async def _main_loop() -> None:
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_stop_on_signal)
+        await pyfuse3.main(min_tasks=4, max_tasks=64)
+        nursery.cancel_scope.cancel()
+
+
+async def _stop_on_signal() -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async for signum in signals:
+            log.info("%s received: unmounting", signal.Signals(signum).name)
+            pyfuse3.terminate()
+            return

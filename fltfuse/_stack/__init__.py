@@ -1,0 +1,17 @@
+"""The instance stack of one volume: stages (3) and (5) of the data flow.
+
+The kernel adapter, tests and (later) filter-initiated I/O enter the stack the
+same way: ``await stack.dispatch(cbd)``. The stack runs the pre-operation
+callbacks of the attached instances from the highest altitude down, the backend
+at the bottom, and the post-operation callbacks back up. It knows nothing of
+FUSE.
+
+Windows counterpart: the frame of FltMgr that holds the instances attached to
+one volume.
+"""
+
+from __future__ import annotations
+
+from .instance_stack import Backend, InstanceStack
+
+__all__ = ["Backend", "InstanceStack"]

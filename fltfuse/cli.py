@@ -1,0 +1,151 @@
+"""The ``fltfuse`` command: create volumes, mount them, unmount them.
+
+    fltfuse volume create IMAGE --size SIZE
+    fltfuse mount SOURCE MOUNTPOINT [-o OPTIONS] [-f]
+    fltfuse unmount MOUNTPOINT [-l]
+    fltfuse SOURCE MOUNTPOINT -o OPTIONS        (the form mount.fuse3 uses for -t fuse.fltfuse)
+
+Without ``-f``, ``mount`` starts the daemon in the background and returns once
+the mount is live (or prints why it failed); the daemon logs to
+``<state root>/<volume id>.log``. With ``-f`` it serves in the foreground and
+logs to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import select
+import subprocess
+import sys
+import time
+
+from . import _volume
+from ._kernel import FuseOptions
+
+log = logging.getLogger("fltfuse")
+
+
+def _configure_logging(debug: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if debug else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fltfuse", description="Filter Manager volumes on FUSE.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    vol = sub.add_parser("volume", help="manage volume images")
+    vsub = vol.add_subparsers(dest="volume_command", required=True)
+    create = vsub.add_parser("create", help="make an ext4 image file")
+    create.add_argument("image")
+    create.add_argument("--size", required=True, help="e.g. 1G, 512M")
+    create.add_argument("--inodes", type=int, help="number of inodes (mkfs.ext4 -N)")
+    create.add_argument("--force", action="store_true", help="overwrite an existing file")
+
+    mount = sub.add_parser("mount", help="mount a volume")
+    mount.add_argument("source", help="ext4 image file, block device, or directory (fallback)")
+    mount.add_argument("mountpoint")
+    mount.add_argument("-o", dest="options", action="append", default=[], help="mount options, comma-separated")
+    mount.add_argument("-f", "--foreground", action="store_true", help="serve in the foreground, log to stderr")
+    mount.add_argument("-d", "--debug", action="store_true", help="log every request")
+    mount.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+    mount.add_argument("--log-file", help=argparse.SUPPRESS)
+
+    unmount = sub.add_parser("unmount", aliases=["umount"], help="unmount a volume and release its devices")
+    unmount.add_argument("mountpoint")
+    unmount.add_argument("-l", "--lazy", action="store_true", help="detach now even if files are open")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if len(argv) >= 2 and argv[0] not in {"volume", "mount", "unmount", "umount", "-h", "--help"}:
+        argv = ["mount", *argv]  # mount.fuse3 calls: fltfuse SOURCE MOUNTPOINT -o OPTS
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "volume":
+            _volume.create_image(args.image, _volume.parse_size(args.size), force=args.force, inodes=args.inodes)
+            print(f"created ext4 volume {args.image} ({args.size})")
+            return 0
+        if args.command == "mount":
+            return _mount(args)
+        _volume.unmount(args.mountpoint, lazy=args.lazy)
+        return 0
+    except (_volume.VolumeError, ValueError) as exc:
+        print(f"fltfuse: {exc}", file=sys.stderr)
+        return 1
+
+
+def _mount(args: argparse.Namespace) -> int:
+    options = FuseOptions.parse(args.options, fsname=os.path.realpath(args.source))
+    if args.foreground:
+        return _serve(args, options)
+    return _spawn(args)
+
+
+def _serve(args: argparse.Namespace, options: FuseOptions) -> int:
+    from . import _daemon  # imports pyfuse3: only the daemon needs it
+
+    _configure_logging(args.debug)
+    ready_fd = args.ready_fd
+
+    def on_ready() -> None:
+        nonlocal ready_fd
+        if ready_fd is not None:
+            os.write(ready_fd, b"ok\n")
+            os.close(ready_fd)
+            ready_fd = None
+
+    try:
+        _daemon.run(args.source, args.mountpoint, options, log_path=args.log_file, on_ready=on_ready)
+    except Exception as exc:
+        log.error("%s", exc, exc_info=not isinstance(exc, _volume.VolumeError))
+        if ready_fd is not None:
+            os.write(ready_fd, f"error: {exc}\n".encode())
+        return 1
+    return 0
+
+
+def _spawn(args: argparse.Namespace) -> int:
+    """Start the daemon in the background and wait until its mount is live."""
+    mountpoint = os.path.realpath(args.mountpoint)
+    log_path = _volume.state_root() / f"{_volume.volume_id(mountpoint)}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    read_end, write_end = os.pipe()
+    argv = [sys.executable, "-m", "fltfuse", "mount", "-f", "--ready-fd", str(write_end), "--log-file", str(log_path)]
+    argv += [*(f"-o{o}" for o in args.options), *(["-d"] if args.debug else []), args.source, mountpoint]
+    with open(log_path, "ab") as log_file:
+        proc = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file, pass_fds=(write_end,), start_new_session=True
+        )
+    os.close(write_end)
+    message = b""
+    deadline = time.monotonic() + 120
+    with os.fdopen(read_end, "rb", buffering=0) as ready:
+        while not message.endswith(b"\n") and time.monotonic() < deadline:
+            if select.select([ready], [], [], 0.5)[0]:
+                chunk = ready.read(4096)
+                if not chunk:
+                    break
+                message += chunk
+            elif proc.poll() is not None:
+                break
+    text = message.decode(errors="replace").strip()
+    if text == "ok":
+        print(f"fltfuse: {args.source} mounted at {mountpoint} (daemon pid {proc.pid}, log {log_path})")
+        return 0
+    if proc.poll() is None and not text:
+        proc.terminate()
+        text = "the daemon did not report a live mount within 120 s"
+    print(f"fltfuse: mounting {args.source} at {mountpoint} failed: {text.removeprefix('error: ') or 'the daemon exited'}", file=sys.stderr)
+    print(f"fltfuse: daemon log: {log_path}", file=sys.stderr)
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
