@@ -271,7 +271,7 @@ class FileObject:
     ``handle = None``.
     """
 
-    __slots__ = ("inode", "handle", "flags", "opener")
+    __slots__ = ("flags", "handle", "inode", "opener")
 
     def __init__(self, inode: int, handle: int | None = None, flags: int = 0, opener: Requestor | None = None):
         self.inode = inode
@@ -505,7 +505,7 @@ class AccessParameters(Parameters):
 class IoStatus:
     """IO_STATUS_BLOCK: the final status and the information (a byte count, a create result)."""
 
-    __slots__ = ("status", "information")
+    __slots__ = ("information", "status")
 
     def __init__(self) -> None:
         self.status: NtStatus = NtStatus.SUCCESS
@@ -518,7 +518,7 @@ class IoStatus:
 class IoParameterBlock:
     """FLT_IO_PARAMETER_BLOCK: what is asked of the file system."""
 
-    __slots__ = ("target_file_object", "parameters")
+    __slots__ = ("parameters", "target_file_object")
 
     def __init__(self, target_file_object: FileObject, parameters: Parameters):
         self.target_file_object = target_file_object
@@ -538,7 +538,7 @@ class CallbackData:
     changes need no flag.
     """
 
-    __slots__ = ("iopb", "io_status", "requestor", "flags")
+    __slots__ = ("flags", "io_status", "iopb", "requestor")
 
     def __init__(
         self,

@@ -23,7 +23,7 @@ log = logging.getLogger("fltfuse.daemon")
 
 def _raise_descriptor_limit() -> None:
     """Every inode the kernel knows is pinned by a descriptor: allow as many as the system does."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if os.geteuid() == 0:
         try:
             with open("/proc/sys/fs/nr_open") as f:
@@ -38,7 +38,9 @@ def _raise_descriptor_limit() -> None:
             continue
 
 
-def run(source: str, mountpoint: str, options: FuseOptions, *, log_path: str | None, on_ready: Callable[[], None]) -> None:
+def run(
+    source: str, mountpoint: str, options: FuseOptions, *, log_path: str | None, on_ready: Callable[[], None]
+) -> None:
     """Serve ``source`` at ``mountpoint`` until unmounted; clean up everything on the way out."""
     os.umask(0)  # the kernel already applied the caller's umask to every mode we get
     os.chdir("/")
@@ -49,7 +51,9 @@ def run(source: str, mountpoint: str, options: FuseOptions, *, log_path: str | N
         backend = PassthroughBackend(backing)
         try:
             stack = InstanceStack(backend)
-            adapter = KernelAdapter(stack, backend, attr_timeout=options.attr_timeout, entry_timeout=options.entry_timeout)
+            adapter = KernelAdapter(
+                stack, backend, attr_timeout=options.attr_timeout, entry_timeout=options.entry_timeout
+            )
             log.info("serving %s at %s (backing %s)", source, volume.mountpoint, backing)
             serve(adapter, volume.mountpoint, options, on_ready)
             log.info("%s unmounted", volume.mountpoint)

@@ -200,12 +200,22 @@ class Volume:
         if is_mounted(self.mountpoint):
             raise VolumeError(f"something is already mounted at {self.mountpoint}")
         state = VolumeState(
-            self.id, self.source, self.kind, self.mountpoint, self.source, None, False, os.getpid(), log_path, self.read_only
+            self.id,
+            self.source,
+            self.kind,
+            self.mountpoint,
+            self.source,
+            None,
+            False,
+            os.getpid(),
+            log_path,
+            self.read_only,
         )
         self.state = state
         if self.kind == "directory":
             log.warning(
-                "serving the plain directory %s: this is the fallback backend (no loop device or ext4 image)", self.source
+                "serving the plain directory %s: this is the fallback backend (no loop device or ext4 image)",
+                self.source,
             )
             state.save()
             return self.source
@@ -215,7 +225,9 @@ class Volume:
         if self.kind == "image":
             users = _run(["losetup", "-j", self.source], "checking loop devices").strip()
             if users:
-                raise VolumeError(f"{self.source} is already attached ({users.splitlines()[0]}); is it mounted elsewhere?")
+                raise VolumeError(
+                    f"{self.source} is already attached ({users.splitlines()[0]}); is it mounted elsewhere?"
+                )
             argv = ["losetup", "--find", "--show", "--direct-io=on"]
             if self.read_only:
                 argv.append("--read-only")
@@ -317,4 +329,3 @@ def unmount(mountpoint: str, *, lazy: bool = False, timeout: float = 60.0) -> No
     leftover = VolumeState.load(mountpoint)
     if leftover is not None:
         recover(leftover)
-

@@ -121,7 +121,12 @@ def _spawn(args: argparse.Namespace) -> int:
     argv += [*(f"-o{o}" for o in args.options), *(["-d"] if args.debug else []), args.source, mountpoint]
     with open(log_path, "ab") as log_file:
         proc = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file, pass_fds=(write_end,), start_new_session=True
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=log_file,
+            pass_fds=(write_end,),
+            start_new_session=True,
         )
     os.close(write_end)
     message = b""
@@ -142,7 +147,8 @@ def _spawn(args: argparse.Namespace) -> int:
     if proc.poll() is None and not text:
         proc.terminate()
         text = "the daemon did not report a live mount within 120 s"
-    print(f"fltfuse: mounting {args.source} at {mountpoint} failed: {text.removeprefix('error: ') or 'the daemon exited'}", file=sys.stderr)
+    reason = text.removeprefix("error: ") or "the daemon exited"
+    print(f"fltfuse: mounting {args.source} at {mountpoint} failed: {reason}", file=sys.stderr)
     print(f"fltfuse: daemon log: {log_path}", file=sys.stderr)
     return 1
 

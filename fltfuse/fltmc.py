@@ -24,10 +24,12 @@ def main(argv: list[str] | None = None) -> int:
     for state in VolumeState.all():
         alive = state.daemon_alive()
         fs = "ext4" if state.kind != "directory" else "directory (fallback)"
-        rows.append((state.mountpoint, state.loop_device or state.source, fs, f"{state.pid}" + ("" if alive else " (dead)")))
+        rows.append(
+            (state.mountpoint, state.loop_device or state.source, fs, f"{state.pid}" + ("" if alive else " (dead)"))
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     for i, row in enumerate(rows):
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
         if i == 0:
             print("  ".join("-" * w for w in widths))
     return 0

@@ -46,6 +46,7 @@ from .._callback_data import (
     DirectoryControlParameters,
     DirectoryEntry,
     DispositionParameters,
+    EaMinor,
     FileAttributes,
     FileSystemControlParameters,
     FileType,
@@ -62,7 +63,6 @@ from .._callback_data import (
     SetEaParameters,
     VolumeStatistics,
     WriteParameters,
-    EaMinor,
 )
 from .._status import status_from_errno
 from . import _syscalls
@@ -82,7 +82,7 @@ _STRIP_ON_CREATE = os.O_APPEND | os.O_DIRECT
 class _Inode:
     """A pinned inode: its O_PATH descriptor and the kernel's lookup count."""
 
-    __slots__ = ("fd", "proc", "lookups")
+    __slots__ = ("fd", "lookups", "proc")
 
     def __init__(self, fd: int, lookups: int):
         self.fd = fd
@@ -98,7 +98,7 @@ class _DirectoryHandle:
     the kernel did not know) so the next request is served without re-reading.
     """
 
-    __slots__ = ("fd", "ino", "reader", "batch", "resume", "pins")
+    __slots__ = ("batch", "fd", "ino", "pins", "reader", "resume")
 
     def __init__(self, fd: int, ino: int):
         self.fd = fd
@@ -354,7 +354,7 @@ class PassthroughBackend:
     def _read_directory(self, cbd: CallbackData, p: DirectoryControlParameters) -> None:
         dh = self._dirs[cbd.iopb.target_file_object.handle]  # type: ignore[index]
         index = dh.resume.get(p.offset) if p.offset else None
-        if index is None:
+        if index is None or index == len(dh.batch):
             self._read_batch(dh, p.offset)
             index = 0
         p.entries = dh.batch[index:]
@@ -463,7 +463,9 @@ class PassthroughBackend:
 
     async def _flush_buffers(self, cbd: CallbackData, p: FlushBuffersParameters) -> None:
         fd = cbd.iopb.target_file_object.handle
-        await trio.to_thread.run_sync(os.fdatasync if p.datasync else os.fsync, fd)
+        assert fd is not None
+        sync: Callable[[int], None] = os.fdatasync if p.datasync else os.fsync
+        await trio.to_thread.run_sync(sync, fd)
 
 
 def _groups_of(pid: int, gid: int) -> set[int]:

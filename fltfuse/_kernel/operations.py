@@ -223,7 +223,9 @@ class KernelAdapter(pyfuse3.Operations):
         try:
             await self._call(fo, params, fo.opener or _KERNEL)
         except pyfuse3.FUSEError as exc:
-            log.error("%s of %r failed with %s; the caller still succeeds", params.MAJOR.name, fo, errno.errorcode.get(exc.errno, exc.errno))
+            log.error("%s of %r failed with errno %d; the caller still succeeds", params.MAJOR.name, fo, exc.errno)
+        except Exception:
+            log.exception("internal error in %s of %r; the caller still succeeds", params.MAJOR.name, fo)
 
     # -- names and attributes ---------------------------------------------------
 
@@ -268,7 +270,14 @@ class KernelAdapter(pyfuse3.Operations):
             p.atime_ns = attr.st_atime_ns
         if fields.update_mtime:
             p.mtime_ns = attr.st_mtime_ns
-        if p.size is not None and p.mode is None and p.uid is None and p.gid is None and p.atime_ns is None and p.mtime_ns is None:
+        if (
+            p.size is not None
+            and p.mode is None
+            and p.uid is None
+            and p.gid is None
+            and p.atime_ns is None
+            and p.mtime_ns is None
+        ):
             p.information_class = FileInformationClass.END_OF_FILE
         fo = self._files.get(fh) if fh is not None else None
         await self._call(fo or FileObject(inode), p, _requestor(ctx))
@@ -284,27 +293,43 @@ class KernelAdapter(pyfuse3.Operations):
 
     # -- making and removing names ----------------------------------------------
 
-    async def _make(self, parent: int, params: CreateParameters, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+    async def _make(
+        self, parent: int, params: CreateParameters, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
         await self._call(FileObject(parent), params, _requestor(ctx))
         return self._entry(params.attributes)
 
     @_boundary
-    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        p = CreateParameters(CreateDisposition.CREATE, FileType(stat.S_IFMT(mode)), 0, parent_inode, name, stat.S_IMODE(mode), rdev)
+    async def mknod(
+        self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        p = CreateParameters(
+            CreateDisposition.CREATE, FileType(stat.S_IFMT(mode)), 0, parent_inode, name, stat.S_IMODE(mode), rdev
+        )
         return await self._make(parent_inode, p, ctx)
 
     @_boundary
-    async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        p = CreateParameters(CreateDisposition.CREATE, FileType.DIRECTORY, os.O_DIRECTORY, parent_inode, name, stat.S_IMODE(mode))
+    async def mkdir(
+        self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        p = CreateParameters(
+            CreateDisposition.CREATE, FileType.DIRECTORY, os.O_DIRECTORY, parent_inode, name, stat.S_IMODE(mode)
+        )
         return await self._make(parent_inode, p, ctx)
 
     @_boundary
-    async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        p = CreateParameters(CreateDisposition.CREATE, FileType.SYMLINK, 0, parent_inode, name, 0o777, link_target=target)
+    async def symlink(
+        self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        p = CreateParameters(
+            CreateDisposition.CREATE, FileType.SYMLINK, 0, parent_inode, name, 0o777, link_target=target
+        )
         return await self._make(parent_inode, p, ctx)
 
     @_boundary
-    async def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+    async def link(
+        self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
         p = LinkParameters(new_parent_inode, new_name)
         await self._call(FileObject(inode), p, _requestor(ctx))
         return self._entry(p.attributes)
@@ -351,7 +376,9 @@ class KernelAdapter(pyfuse3.Operations):
             disposition = CreateDisposition.OVERWRITE_IF
         else:
             disposition = CreateDisposition.OPEN_IF
-        p = CreateParameters(disposition, FileType.REGULAR, flags, parent_inode, name, stat.S_IMODE(mode), handle_requested=True)
+        p = CreateParameters(
+            disposition, FileType.REGULAR, flags, parent_inode, name, stat.S_IMODE(mode), handle_requested=True
+        )
         fo = FileObject(parent_inode, None, flags, req)
         await self._call(fo, p, req)
         entry = self._entry(p.attributes)
@@ -359,11 +386,13 @@ class KernelAdapter(pyfuse3.Operations):
         return self._file_info(self._opened(fo, p), flags), entry
 
     @_boundary
-    async def read(self, fh: int, off: int, size: int) -> bytes | bytearray | memoryview:
+    async def read(self, fh: int, off: int, size: int) -> bytes:
         fo = self._file(fh)
         p = ReadParameters(off, size)
         await self._call(fo, p, fo.opener or _KERNEL)
-        return p.data if p.data is not None else b""
+        # pyfuse3 replies from any contiguous buffer (PyObject_GetBuffer), so the
+        # backend's bytearray or memoryview goes out without a copy; its stub says bytes.
+        return p.data if p.data is not None else b""  # type: ignore[return-value]
 
     @_boundary
     async def write(self, fh: int, off: int, buf: bytes) -> int:

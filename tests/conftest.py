@@ -1,0 +1,73 @@
+"""Fixtures shared by the three tiers.
+
+* ``volume``: one real fltfuse mount over a loop-backed ext4 image for the
+  whole session (mounted tiers). Each test that uses it is checked afterwards
+  for error lines in the daemon's log (a daemon that logs an error it did not
+  expect fails the test, as in libfuse's own tests).
+* ``pair``: a fresh directory through the mount and a fresh directory on the
+  raw backing ext4, for differential tests.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import re
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from fltfuse.testing import MountedVolume, mounted_volume, why_no_mount
+
+_counter = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def volume() -> Iterator[MountedVolume]:
+    reason = why_no_mount()
+    if reason:
+        pytest.skip(reason)
+    with tempfile.TemporaryDirectory(prefix="fltfuse-test-", dir="/var/tmp") as tmp:
+        with mounted_volume(tmp, size="8G", inodes=400_000) as vol:
+            yield vol
+
+
+@pytest.fixture
+def clean_log(volume: MountedVolume, request: pytest.FixtureRequest) -> Iterator[None]:
+    """Fail the test if the daemon logged an ERROR or a traceback while it ran."""
+    start = len(volume.log_text())
+    yield
+    new = volume.log_text()[start:]
+    if request.node.get_closest_marker("expect_daemon_errors") is None:
+        bad = [line for line in new.splitlines() if re.search(r" (ERROR|CRITICAL) |Traceback", line)]
+        assert not bad, "the daemon logged errors:\n" + "\n".join(bad)
+
+
+@dataclass
+class Pair:
+    """The same fresh directory name on both sides: ``mnt`` through fltfuse, ``raw`` on ext4."""
+
+    mnt: Path
+    raw: Path
+
+
+@pytest.fixture
+def pair(volume: MountedVolume, clean_log: None, request: pytest.FixtureRequest) -> Pair:
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", request.node.name)[:80] + f"-{next(_counter)}"
+    mnt = Path(volume.mountpoint) / "t" / name
+    raw = Path(volume.backing) / "raw" / name
+    os.makedirs(mnt)
+    os.makedirs(raw)
+    return Pair(mnt, raw)
+
+
+@pytest.fixture
+def workdir(volume: MountedVolume, clean_log: None, request: pytest.FixtureRequest) -> Path:
+    """A fresh directory on the mount."""
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", request.node.name)[:80] + f"-{next(_counter)}"
+    path = Path(volume.mountpoint) / "w" / name
+    os.makedirs(path)
+    return path

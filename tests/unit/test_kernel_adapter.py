@@ -1,0 +1,113 @@
+"""The kernel adapter in-process: request -> callback data -> reply, and the one exception boundary."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyfuse3
+import pytest
+
+from fltfuse import CallbackData, CleanupParameters, LookupParameters, MajorFunction
+from fltfuse._backend import ROOT_INODE, PassthroughBackend
+from fltfuse._kernel import KernelAdapter
+from fltfuse._stack import InstanceStack
+
+
+@dataclass
+class Ctx:
+    """What pyfuse3's RequestContext carries."""
+
+    pid: int = os.getpid()
+    uid: int = os.geteuid()
+    gid: int = os.getegid()
+    umask: int = 0o022
+
+
+class Recording:
+    """A stack that records each callback data and then lets the real backend do it."""
+
+    def __init__(self, backend: PassthroughBackend, fail_on: MajorFunction | None = None):
+        self.backend = backend
+        self.seen: list[CallbackData] = []
+        self.fail_on = fail_on
+
+    async def dispatch(self, cbd: CallbackData) -> None:
+        self.seen.append(cbd)
+        if cbd.iopb.major_function is self.fail_on:
+            raise RuntimeError("a bug below the adapter")
+        await self.backend.dispatch(cbd)
+
+    def sees(self, major: MajorFunction) -> bool:
+        return False
+
+
+def adapter_over(root: Path, fail_on: MajorFunction | None = None) -> tuple[KernelAdapter, Recording]:
+    backend = PassthroughBackend(str(root))
+    stack = Recording(backend, fail_on)
+    return KernelAdapter(stack, backend), stack  # type: ignore[arg-type]
+
+
+async def test_each_request_becomes_one_callback_data(tmp_path: Path) -> None:
+    (tmp_path / "f").write_text("data")
+    adapter, stack = adapter_over(tmp_path)
+    entry = await adapter.lookup(ROOT_INODE, b"f", Ctx(pid=4242))
+    assert entry.st_ino == os.stat(tmp_path / "f").st_ino
+    assert entry.st_size == 4
+    (cbd,) = stack.seen
+    assert cbd.iopb.major_function is MajorFunction.LOOKUP
+    assert isinstance(cbd.iopb.parameters, LookupParameters)
+    assert cbd.iopb.parameters.name == b"f"
+    assert cbd.requestor.pid == 4242
+
+
+async def test_backend_errno_passes_through_unchanged(tmp_path: Path) -> None:
+    adapter, _ = adapter_over(tmp_path)
+    with pytest.raises(pyfuse3.FUSEError) as info:
+        await adapter.lookup(ROOT_INODE, b"missing", Ctx())
+    assert info.value.errno == errno.ENOENT
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "x").touch()
+    with pytest.raises(pyfuse3.FUSEError) as info:
+        await adapter.rmdir(ROOT_INODE, b"d", Ctx())
+    assert info.value.errno == errno.ENOTEMPTY
+
+
+async def test_an_exception_below_is_answered_eio_and_logged(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    adapter, _ = adapter_over(tmp_path, fail_on=MajorFunction.LOOKUP)
+    with caplog.at_level(logging.ERROR, logger="fltfuse.kernel"), pytest.raises(pyfuse3.FUSEError) as info:
+        await adapter.lookup(ROOT_INODE, b"some-name", Ctx())
+    assert info.value.errno == errno.EIO
+    (record,) = caplog.records
+    assert "lookup" in record.getMessage() and "some-name" in record.getMessage()
+    assert "a bug below the adapter" in (record.exc_text or "")
+    # and the adapter keeps serving
+    adapter2_entry = await adapter.getattr(ROOT_INODE, Ctx())
+    assert adapter2_entry.st_ino == ROOT_INODE
+
+
+async def test_cleanup_never_fails(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    adapter, stack = adapter_over(tmp_path, fail_on=MajorFunction.CLEANUP)
+    info, _ = await adapter.create(ROOT_INODE, b"f", 0o644, os.O_RDWR | os.O_CREAT, Ctx())
+    with caplog.at_level(logging.ERROR, logger="fltfuse.kernel"):
+        await adapter.flush(info.fh)  # no exception reaches the caller
+    assert any(isinstance(c.iopb.parameters, CleanupParameters) for c in stack.seen)
+    assert caplog.records
+    await adapter.release(info.fh)
+
+
+async def test_a_bad_handle_is_ebadf(tmp_path: Path) -> None:
+    adapter, _ = adapter_over(tmp_path)
+    with pytest.raises(pyfuse3.FUSEError) as info:
+        await adapter.read(123456, 0, 10)
+    assert info.value.errno == errno.EBADF
+
+
+async def test_forget_never_raises(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    adapter, _ = adapter_over(tmp_path)
+    with caplog.at_level(logging.ERROR):
+        await adapter.forget([(999_999, 1)])
+    assert "unknown inode" in caplog.text
