@@ -105,7 +105,7 @@ async def test_lookup_counts_pin_and_forget_unpins(driver: Driver) -> None:
 
 
 async def test_hard_links_share_one_pinned_inode(driver: Driver) -> None:
-    ino, fh = await create(driver, b"one")
+    ino, _fh = await create(driver, b"one")
     lp = LinkParameters(ROOT_INODE, b"two")
     await driver.send(lp, ino)
     assert lp.attributes is not None and lp.attributes.ino == ino and lp.attributes.nlink == 2
@@ -131,7 +131,7 @@ async def test_unlinked_open_file_stays_usable(driver: Driver) -> None:
 
 
 async def test_set_attributes_size_mode_and_times(driver: Driver) -> None:
-    ino, fh = await create(driver, b"f")
+    ino, _fh = await create(driver, b"f")
     p = SetAttributesParameters(FileInformationClass.END_OF_FILE, size=10_000)
     await driver.send(p, ino)
     assert p.attributes is not None and p.attributes.size == 10_000
@@ -231,7 +231,7 @@ async def test_directory_listing_resumes_at_offsets_without_skips_or_repeats(dri
 
 
 async def test_extended_attributes(driver: Driver) -> None:
-    ino, fh = await create(driver, b"f")
+    ino, _fh = await create(driver, b"f")
     await driver.send(SetEaParameters(EaMinor.SET, b"user.colour", b"blue"), ino)
     get = QueryEaParameters(EaMinor.GET, b"user.colour")
     await driver.send(get, ino)

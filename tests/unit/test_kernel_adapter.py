@@ -14,7 +14,6 @@ import pytest
 from fltfuse import CallbackData, CleanupParameters, LookupParameters, MajorFunction
 from fltfuse._backend import ROOT_INODE, PassthroughBackend
 from fltfuse._kernel import KernelAdapter
-from fltfuse._stack import InstanceStack
 
 
 @dataclass
