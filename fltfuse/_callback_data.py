@@ -154,6 +154,7 @@ class CreateDisposition(enum.IntEnum):
     OPEN = 1  # open(2) of an existing file or directory
     CREATE = 2  # O_CREAT|O_EXCL, mkdir, mknod, symlink: fails if the name exists
     OPEN_IF = 3  # O_CREAT: the kernel sends it only when the name does not exist yet
+    OVERWRITE = 4  # open(2) of an existing file with O_TRUNC (the kernel negotiates atomic_o_trunc)
     OVERWRITE_IF = 5  # O_CREAT|O_TRUNC
 
 
@@ -308,8 +309,8 @@ class LookupParameters(Parameters):
 class CreateParameters(Parameters):
     """CREATE: open(2), creat(2), mkdir(2), mknod(2), symlink(2), opendir(3).
 
-    For ``disposition == OPEN`` the target is ``FileObject.inode`` and ``parent``/``name``
-    are unset; otherwise the object ``name`` is made in ``parent``.
+    For ``disposition`` OPEN and OVERWRITE the target is ``FileObject.inode`` and
+    ``parent``/``name`` are unset; otherwise the object ``name`` is made in ``parent``.
     """
 
     MAJOR: ClassVar[MajorFunction] = MajorFunction.CREATE

@@ -42,10 +42,10 @@ def run(
     source: str, mountpoint: str, options: FuseOptions, *, log_path: str | None, on_ready: Callable[[], None]
 ) -> None:
     """Serve ``source`` at ``mountpoint`` until unmounted; clean up everything on the way out."""
+    volume = Volume(source, mountpoint, read_only=options.read_only)  # resolves relative paths: before chdir
     os.umask(0)  # the kernel already applied the caller's umask to every mode we get
-    os.chdir("/")
+    os.chdir("/")  # the daemon must not keep any directory busy
     _raise_descriptor_limit()
-    volume = Volume(source, mountpoint, read_only=options.read_only)
     backing = volume.bring_up(log_path)
     try:
         backend = PassthroughBackend(backing)

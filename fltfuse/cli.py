@@ -82,7 +82,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _mount(args: argparse.Namespace) -> int:
-    options = FuseOptions.parse(args.options, fsname=os.path.realpath(args.source))
+    args.source = os.path.abspath(args.source)
+    args.mountpoint = os.path.abspath(args.mountpoint)
+    options = FuseOptions.parse(args.options, fsname=args.source)
     if args.foreground:
         return _serve(args, options)
     return _spawn(args)

@@ -71,11 +71,12 @@ log = logging.getLogger(__name__)
 
 ROOT_INODE = 1
 _PIN_FLAGS = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
-# Flags the kernel has already acted on, or that must not reach the backing descriptor:
+# Flags the kernel has already acted on, or that must not reach the backing descriptor
+# (O_TRUNC does reach it: the kernel sends it with OPEN, it does not truncate first):
 # O_APPEND (the kernel computes append offsets; a shared-mmap writeback through an
 # O_APPEND descriptor would land at the end), O_DIRECT (the kernel bypasses its own
 # cache; the backing write need not be aligned), O_NOFOLLOW (we open a /proc magic link).
-_STRIP_ON_OPEN = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_TRUNC | os.O_APPEND | os.O_DIRECT | os.O_NOFOLLOW
+_STRIP_ON_OPEN = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_APPEND | os.O_DIRECT | os.O_NOFOLLOW
 _STRIP_ON_CREATE = os.O_APPEND | os.O_DIRECT
 
 
@@ -270,7 +271,7 @@ class PassthroughBackend:
             p.attributes = self._pin(parent.fd, p.name)
 
     def _create(self, cbd: CallbackData, p: CreateParameters) -> None:
-        if p.disposition == CreateDisposition.OPEN:
+        if p.disposition == CreateDisposition.OPEN or p.disposition == CreateDisposition.OVERWRITE:
             self._open(cbd, p)
             return
         parent = self._node(p.parent)

@@ -18,7 +18,8 @@ readlink           FILE_SYSTEM_CONTROL          FileSystemControlParameters
                    (GET_REPARSE_POINT)
 mknod, mkdir,      CREATE (disposition CREATE)  CreateParameters (file_type from the mode)
 symlink
-open, opendir      CREATE (disposition OPEN)    CreateParameters (handle_requested)
+open, opendir      CREATE (OPEN; OVERWRITE      CreateParameters (handle_requested)
+                   with O_TRUNC)
 create             CREATE (CREATE / OPEN_IF /   CreateParameters (handle_requested)
                    OVERWRITE_IF)
 unlink, rmdir      SET_INFORMATION              DispositionParameters
@@ -361,7 +362,8 @@ class KernelAdapter(pyfuse3.Operations):
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         req = _requestor(ctx)
         fo = FileObject(inode, None, flags, req)
-        p = CreateParameters(CreateDisposition.OPEN, FileType.REGULAR, flags, handle_requested=True)
+        disposition = CreateDisposition.OVERWRITE if flags & os.O_TRUNC else CreateDisposition.OPEN
+        p = CreateParameters(disposition, FileType.REGULAR, flags, handle_requested=True)
         await self._call(fo, p, req)
         return self._file_info(self._opened(fo, p), flags)
 

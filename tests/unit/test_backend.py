@@ -71,6 +71,18 @@ async def test_sparse_write_past_4_gib_reads_zeros_in_the_hole(driver: Driver) -
     assert os.stat(driver.root / "sparse").st_size == offset + 3
 
 
+async def test_open_with_o_trunc_overwrites(driver: Driver) -> None:
+    (driver.root / "f").write_bytes(b"a long line of text")
+    look = LookupParameters(ROOT_INODE, b"f")
+    await driver.send(look)
+    assert look.attributes is not None
+    p = CreateParameters(CreateDisposition.OVERWRITE, FileType.REGULAR, os.O_WRONLY | os.O_TRUNC, handle_requested=True)
+    cbd = await driver.send(p, look.attributes.ino)
+    assert cbd.io_status.status is NtStatus.SUCCESS
+    assert (driver.root / "f").read_bytes() == b""
+    await driver.send(CloseParameters(), look.attributes.ino, p.handle)
+
+
 async def test_missing_name_is_object_name_not_found(driver: Driver) -> None:
     cbd = await driver.send(LookupParameters(ROOT_INODE, b"nope"))
     assert cbd.io_status.status is NtStatus.OBJECT_NAME_NOT_FOUND

@@ -11,7 +11,14 @@ from pathlib import Path
 import pyfuse3
 import pytest
 
-from fltfuse import CallbackData, CleanupParameters, LookupParameters, MajorFunction
+from fltfuse import (
+    CallbackData,
+    CleanupParameters,
+    CreateDisposition,
+    CreateParameters,
+    LookupParameters,
+    MajorFunction,
+)
 from fltfuse._backend import ROOT_INODE, PassthroughBackend
 from fltfuse._kernel import KernelAdapter
 
@@ -110,3 +117,14 @@ async def test_forget_never_raises(tmp_path: Path, caplog: pytest.LogCaptureFixt
     with caplog.at_level(logging.ERROR):
         await adapter.forget([(999_999, 1)])
     assert "unknown inode" in caplog.text
+
+
+async def test_open_with_o_trunc_is_an_overwrite_and_truncates(tmp_path: Path) -> None:
+    (tmp_path / "f").write_text("old contents")
+    adapter, stack = adapter_over(tmp_path)
+    entry = await adapter.lookup(ROOT_INODE, b"f", Ctx())
+    info = await adapter.open(entry.st_ino, os.O_WRONLY | os.O_TRUNC, Ctx())
+    assert (tmp_path / "f").read_text() == ""
+    params = stack.seen[-1].iopb.parameters
+    assert isinstance(params, CreateParameters) and params.disposition is CreateDisposition.OVERWRITE
+    await adapter.release(info.fh)
