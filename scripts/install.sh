@@ -10,7 +10,7 @@ packages=(
   fuse3 libfuse3-dev pkg-config gcc python3-venv python3-dev  # pyfuse3 builds against libfuse3
   e2fsprogs util-linux mount                                   # mkfs.ext4, losetup, mount
   attr acl                                                     # getfattr/setfattr, getfacl/setfacl
-  fio                                                          # the benchmark's I/O rows
+  fio loggedfs                                                 # the benchmark: I/O rows, and LoggedFS as a peer
   rsync sqlite3 git make tar coreutils findutils psmisc        # the tools the integration tests use
 )
 
