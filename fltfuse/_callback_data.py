@@ -323,7 +323,7 @@ class CreateParameters(Parameters):
     rdev: int = 0  # device number for mknod of a device
     link_target: bytes = b""  # target of a new symlink
     handle_requested: bool = False  # open(2)/creat(2)/opendir: leave a handle open; mkdir/mknod/symlink: don't
-    attributes: FileAttributes | None = None  # out: the object
+    attributes: FileAttributes | None = None  # out: the new object; for an open, set if opening changed it (atime)
     handle: int | None = None  # out: for regular files and directories opened, the handle
 
 
@@ -359,11 +359,14 @@ class QueryInformationParameters(Parameters):
 class SetAttributesParameters(Parameters):
     """SET_INFORMATION (BASIC or END_OF_FILE): chmod, chown, truncate, utimensat.
 
-    Only the fields that are not ``None`` change. ``UTIME_NOW`` arrives as the
-    current time (the kernel adapter cannot tell the two apart).
+    Only the fields that are not ``None`` change. A time equal to ``TIME_NOW``
+    is UTIME_NOW (the file system stamps it, and the change time, from one clock
+    reading). ``touch_change_time`` alone is a chown(f, -1, -1): only the change
+    time moves.
     """
 
     MAJOR: ClassVar[MajorFunction] = MajorFunction.SET_INFORMATION
+    TIME_NOW: ClassVar[int] = -1
     information_class: FileInformationClass
     size: int | None = None
     mode: int | None = None
@@ -371,6 +374,7 @@ class SetAttributesParameters(Parameters):
     gid: int | None = None
     atime_ns: int | None = None
     mtime_ns: int | None = None
+    touch_change_time: bool = False
     attributes: FileAttributes | None = None  # out: after the change
 
 

@@ -42,7 +42,9 @@ def run(
     source: str, mountpoint: str, options: FuseOptions, *, log_path: str | None, on_ready: Callable[[], None]
 ) -> None:
     """Serve ``source`` at ``mountpoint`` until unmounted; clean up everything on the way out."""
-    volume = Volume(source, mountpoint, read_only=options.read_only)  # resolves relative paths: before chdir
+    volume = Volume(
+        source, mountpoint, read_only=options.read_only, backing_options=options.backing
+    )  # resolves relative paths: before chdir
     os.umask(0)  # the kernel already applied the caller's umask to every mode we get
     os.chdir("/")  # the daemon must not keep any directory busy
     _raise_descriptor_limit()

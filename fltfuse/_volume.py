@@ -55,6 +55,15 @@ def state_root() -> Path:
     return Path(base) / f"fltfuse-{os.geteuid()}"
 
 
+def make_private_dir(path: Path, mode: int = 0o755) -> None:
+    """Create ``path`` (and its parents) owned by us with exactly ``mode``, whatever the umask."""
+    path.mkdir(parents=True, exist_ok=True)
+    st = path.lstat()
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+        raise VolumeError(f"{path} is not a directory owned by uid {os.geteuid()}")
+    os.chmod(path, mode)
+
+
 def volume_id(mountpoint: str) -> str:
     """A stable, readable id for the volume mounted at ``mountpoint``."""
     real = os.path.realpath(mountpoint)
@@ -126,9 +135,17 @@ class VolumeState:
         return state_root() / f"{self.id}.json"
 
     def save(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        """Write the state atomically, readable and writable by its owner only.
+
+        Root acts on it later (umount, losetup -d), so nobody else may change it,
+        whatever the umask of the process that writes it.
+        """
+        make_private_dir(self.path.parent)
         tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(asdict(self), indent=2))
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "w") as f:
+            os.fchmod(fd, 0o600)
+            f.write(json.dumps(asdict(self), indent=2))
         tmp.replace(self.path)
 
     @classmethod
@@ -169,10 +186,11 @@ class VolumeState:
 class Volume:
     """Brings up the backing directory for one mount and tears it down again."""
 
-    def __init__(self, source: str, mountpoint: str, *, read_only: bool = False):
+    def __init__(self, source: str, mountpoint: str, *, read_only: bool = False, backing_options: tuple[str, ...] = ()):
         self.source = os.path.realpath(source)
         self.mountpoint = os.path.realpath(mountpoint)
         self.read_only = read_only
+        self.backing_options = backing_options
         self.id = volume_id(self.mountpoint)
         self.state: VolumeState | None = None
         if not os.path.exists(self.source):
@@ -234,11 +252,12 @@ class Volume:
             device = _run([*argv, self.source], f"attaching {self.source} to a loop device").strip()
             state.loop_device = device
             state.save()
+        make_private_dir(state_root() / self.id, 0o700)  # the backing mount is not for other users
         backing = str(state_root() / self.id / "backing")
         os.makedirs(backing, exist_ok=True)
         state.backing = backing
         state.save()
-        opts = "ro" if self.read_only else "rw"
+        opts = ",".join(["ro" if self.read_only else "rw", *self.backing_options])
         try:
             _run(["mount", "-t", "ext4", "-o", opts, device, backing], f"mounting {device}")
         except VolumeError:

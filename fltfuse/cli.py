@@ -117,11 +117,11 @@ def _spawn(args: argparse.Namespace) -> int:
     """Start the daemon in the background and wait until its mount is live."""
     mountpoint = os.path.realpath(args.mountpoint)
     log_path = _volume.state_root() / f"{_volume.volume_id(mountpoint)}.log"
-    log_path.parent.mkdir(parents=True, exist_ok=True)
+    _volume.make_private_dir(log_path.parent)
     read_end, write_end = os.pipe()
     argv = [sys.executable, "-m", "fltfuse", "mount", "-f", "--ready-fd", str(write_end), "--log-file", str(log_path)]
     argv += [*(f"-o{o}" for o in args.options), *(["-d"] if args.debug else []), args.source, mountpoint]
-    with open(log_path, "ab") as log_file:
+    with os.fdopen(os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600), "ab") as log_file:
         proc = subprocess.Popen(
             argv,
             stdin=subprocess.DEVNULL,

@@ -4,6 +4,7 @@
 loop device, or a plain directory as the fallback).
 """
 
-from .passthrough import ROOT_INODE, PassthroughBackend
+from .inode_table import ROOT_INODE
+from .passthrough import PassthroughBackend
 
 __all__ = ["ROOT_INODE", "PassthroughBackend"]

@@ -30,6 +30,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import resource
 import stat
 from collections.abc import Callable
 from typing import Any
@@ -66,40 +67,33 @@ from .._callback_data import (
 )
 from .._status import status_from_errno
 from . import _syscalls
+from .inode_table import ROOT_INODE, InodeTable
 
 log = logging.getLogger(__name__)
 
-ROOT_INODE = 1
-_PIN_FLAGS = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 # Flags the kernel has already acted on, or that must not reach the backing descriptor
 # (O_TRUNC does reach it: the kernel sends it with OPEN, it does not truncate first):
 # O_APPEND (the kernel computes append offsets; a shared-mmap writeback through an
 # O_APPEND descriptor would land at the end), O_DIRECT (the kernel bypasses its own
-# cache; the backing write need not be aligned), O_NOFOLLOW (we open a /proc magic link).
+# cache; page-cache writeback may go through any writable handle, with a length that
+# is not block-aligned), O_NOFOLLOW (we open a /proc magic link).
 _STRIP_ON_OPEN = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_APPEND | os.O_DIRECT | os.O_NOFOLLOW
 _STRIP_ON_CREATE = os.O_APPEND | os.O_DIRECT
-
-
-class _Inode:
-    """A pinned inode: its O_PATH descriptor and the kernel's lookup count."""
-
-    __slots__ = ("fd", "lookups", "proc")
-
-    def __init__(self, fd: int, lookups: int):
-        self.fd = fd
-        self.proc = f"/proc/self/fd/{fd}"
-        self.lookups = lookups
+_DIRECT_IO_ALIGNMENT = 512  # the loop device's logical block size: ext4's O_DIRECT offset alignment
+_CAP_SYS_ADMIN = 21
 
 
 class _DirectoryHandle:
-    """An open directory: its descriptor and the last batch of entries read.
+    """An open directory: its descriptor, the last batch of entries read, and what is reserved.
 
     The kernel takes only as many entries as fit its buffer and asks again from
-    the last one it took; the rest of the batch is kept (with pins for inodes
-    the kernel did not know) so the next request is served without re-reading.
+    the last one it took; the rest of the batch is kept so the next request is
+    served without re-reading. Every entry served has one lookup reserved for
+    it (the kernel counts one for each entry it takes); ``commit_listing``
+    keeps those the kernel took and releases the rest.
     """
 
-    __slots__ = ("batch", "fd", "ino", "pins", "reader", "resume")
+    __slots__ = ("batch", "fd", "ino", "reader", "reserved", "resume")
 
     def __init__(self, fd: int, ino: int):
         self.fd = fd
@@ -107,14 +101,7 @@ class _DirectoryHandle:
         self.reader = _syscalls.DirentReader()
         self.batch: list[DirectoryEntry] = []
         self.resume: dict[int, int] = {}  # offset -> index into batch
-        self.pins: dict[int, int] = {}  # ino -> O_PATH fd for entries of the batch not yet known
-
-    def drop_batch(self) -> None:
-        for fd in self.pins.values():
-            os.close(fd)
-        self.pins.clear()
-        self.batch = []
-        self.resume.clear()
+        self.reserved: dict[int, int] = {}  # inode -> lookups reserved by the last serve
 
 
 class PassthroughBackend:
@@ -129,10 +116,12 @@ class PassthroughBackend:
         fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         st = os.fstat(fd)
         self.root = root
-        self._root_ino = st.st_ino
         self._dev = st.st_dev
-        self._inodes: dict[int, _Inode] = {ROOT_INODE: _Inode(fd, 1)}
+        self._mount_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        self._table = InodeTable(fd, st.st_ino, self._mount_fd, budget=soft - max(1024, soft // 4))
         self._dirs: dict[int, _DirectoryHandle] = {}
+        self._direct: set[int] = set()  # handles opened with O_DIRECT
         self._nowait = True
         self._am_root = os.geteuid() == 0
         self._sync: dict[type[Parameters], Callable[[CallbackData, Any], None]] = {
@@ -173,108 +162,91 @@ class PassthroughBackend:
             cbd.io_status.status = status_from_errno(exc.errno or errno.EIO)
 
     def forget(self, ino: int, count: int) -> None:
-        """The kernel dropped ``count`` lookups of ``ino``; unpin it at zero."""
-        if ino == ROOT_INODE:
-            return
-        node = self._inodes.get(ino)
-        if node is None:
-            log.error("forget of unknown inode %d", ino)
-            return
-        node.lookups -= count
-        if node.lookups <= 0:
-            del self._inodes[ino]
-            os.close(node.fd)
+        """The kernel dropped ``count`` lookups of ``ino``."""
+        self._table.forget(ino, count)
 
-    def remember_listed(self, handle: int, entry: DirectoryEntry) -> None:
-        """The kernel took ``entry`` from a listing of ``handle``: count one lookup of it."""
-        ino = entry.attributes.ino
-        node = self._inodes.get(ino)
-        if node is not None:
-            node.lookups += 1
-            return
+    def commit_listing(self, handle: int, taken: list[int]) -> None:
+        """The kernel took the entries ``taken`` (inode numbers) from the last listing of ``handle``."""
         dh = self._dirs[handle]
-        fd = dh.pins.pop(ino, None)
-        if fd is None:  # served again after the kernel forgot it: pin it by name
-            fd = os.open(entry.name, _PIN_FLAGS, dir_fd=dh.fd)
-            if os.fstat(fd).st_ino != ino:
-                os.close(fd)
-                raise OSError(errno.ESTALE, f"{entry.name!r} changed while it was listed")
-        self._inodes[ino] = _Inode(fd, 1)
+        reserved = dh.reserved
+        for ino in taken:
+            left = reserved.get(ino, 0)
+            if left:
+                reserved[ino] = left - 1
+            elif not self._table.add_lookups(ino, 1):
+                log.warning("a listing of handle %d showed inode %d, which the backend never served", handle, ino)
+        self._release_reservations(dh)
 
     def known_inodes(self) -> int:
-        """How many inodes are pinned (the kernel's working set), root included."""
-        return len(self._inodes)
+        """How many inodes the kernel holds lookups on, the root included."""
+        return len(self._table)
+
+    def pinned_inodes(self) -> int:
+        """How many of them hold a descriptor."""
+        return self._table.pinned
 
     def close(self) -> None:
         """Release every descriptor (after unmount)."""
-        for dh in self._dirs.values():
-            dh.drop_batch()
+        for fd in list(self._dirs):
+            os.close(fd)
         self._dirs.clear()
-        for node in self._inodes.values():
-            os.close(node.fd)
-        self._inodes.clear()
+        self._table.close()
+        os.close(self._mount_fd)
 
     # -- helpers --------------------------------------------------------------
 
-    def _node(self, ino: int) -> _Inode:
-        node = self._inodes.get(ino)
-        if node is None:
-            raise OSError(errno.ESTALE, f"inode {ino} is not known")
-        return node
-
     def _attributes(self, st: os.stat_result) -> FileAttributes:
-        ino = ROOT_INODE if st.st_ino == self._root_ino else st.st_ino
-        return FileAttributes.from_stat(st, ino)
+        return FileAttributes.from_stat(st, self._table.node_id(st.st_ino))
 
-    def _pin(self, dir_fd: int, name: bytes | str, st: os.stat_result | None = None) -> FileAttributes:
+    def _pin(self, dir_fd: int, name: bytes) -> FileAttributes:
         """Count one kernel lookup of ``dir_fd/name`` and return its attributes."""
-        if st is None:
-            st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-        if st.st_ino == self._root_ino:
-            self._inodes[ROOT_INODE].lookups += 1
-            return self._attributes(st)
-        node = self._inodes.get(st.st_ino)
-        if node is None:
-            fd = os.open(name, _PIN_FLAGS, dir_fd=dir_fd)
-            st = os.fstat(fd)  # the object we pinned, even if the name changed meanwhile
-            if st.st_dev != self._dev:
-                os.close(fd)
-                raise OSError(errno.EXDEV, "another file system is mounted inside the backing directory")
-            node = self._inodes.get(st.st_ino)
-            if node is not None:
-                os.close(fd)
-            else:
-                self._inodes[st.st_ino] = node = _Inode(fd, 0)
-        node.lookups += 1
-        return self._attributes(st)
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        if st.st_dev != self._dev:
+            raise OSError(errno.EXDEV, "another file system is mounted inside the backing directory")
+        return self._attributes(self._table.lookup(dir_fd, name, st))
 
-    def _give_to_requestor(self, cbd: CallbackData, parent: _Inode, name: bytes, fd: int | None) -> None:
+    def _open(self, path: str | bytes, flags: int, mode: int = 0o777, dir_fd: int | None = None) -> int:
+        """os.open that, out of descriptors, unpins some inodes and tries once more."""
+        try:
+            return os.open(path, flags, mode, dir_fd=dir_fd)
+        except OSError as exc:
+            if exc.errno != errno.EMFILE or not self._table.make_room(256):
+                raise
+        return os.open(path, flags, mode, dir_fd=dir_fd)
+
+    def _keep_pinned(self, dir_fd: int, name: bytes) -> None:
+        """Before a name goes away: pin its inode if the kernel knows it (it may be open)."""
+        try:
+            st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        except OSError:
+            return
+        self._table.keep_pinned(self._table.node_id(st.st_ino))
+
+    def _give_to_requestor(self, cbd: CallbackData, parent_fd: int, name: bytes, fd: int | None) -> None:
         """Make a new object owned by the caller, as ext4 would for a process with its ids."""
         req = cbd.requestor
         if not self._am_root or (req.uid == 0 and req.gid == 0):
             return
         gid = req.gid
-        if os.fstat(parent.fd).st_mode & stat.S_ISGID:
+        if os.fstat(parent_fd).st_mode & stat.S_ISGID:
             gid = -1  # inherits the directory's group, as ext4 does
         if fd is not None:
             os.fchown(fd, req.uid, gid)
         else:
-            os.chown(name, req.uid, gid, dir_fd=parent.fd, follow_symlinks=False)
+            os.chown(name, req.uid, gid, dir_fd=parent_fd, follow_symlinks=False)
 
     # -- handlers -------------------------------------------------------------
 
     def _lookup(self, cbd: CallbackData, p: LookupParameters) -> None:
-        parent = self._node(p.parent)
-        if p.parent == ROOT_INODE and p.name == b"..":
-            p.attributes = self._pin(parent.fd, b".")
-        else:
-            p.attributes = self._pin(parent.fd, p.name)
+        parent_fd = self._table.fd(p.parent)
+        name = b"." if p.parent == ROOT_INODE and p.name == b".." else p.name  # never above the volume
+        p.attributes = self._pin(parent_fd, name)
 
     def _create(self, cbd: CallbackData, p: CreateParameters) -> None:
         if p.disposition == CreateDisposition.OPEN or p.disposition == CreateDisposition.OVERWRITE:
-            self._open(cbd, p)
+            self._open_existing(cbd, p)
             return
-        parent = self._node(p.parent)
+        parent_fd = self._table.fd(p.parent)
         name = p.name
         ftype = p.file_type
         fd = None
@@ -282,122 +254,170 @@ class PassthroughBackend:
             flags = (p.flags & ~_STRIP_ON_CREATE) | os.O_CREAT | os.O_CLOEXEC
             if p.disposition == CreateDisposition.CREATE:
                 flags |= os.O_EXCL
-            fd = os.open(name, flags, p.mode, dir_fd=parent.fd)
+            fd = self._open(name, flags, p.mode, dir_fd=parent_fd)
         elif ftype == FileType.DIRECTORY:
-            os.mkdir(name, p.mode, dir_fd=parent.fd)
+            os.mkdir(name, p.mode, dir_fd=parent_fd)
         elif ftype == FileType.SYMLINK:
-            os.symlink(p.link_target, name, dir_fd=parent.fd)
+            os.symlink(p.link_target, name, dir_fd=parent_fd)
         else:
-            os.mknod(name, p.mode | ftype, p.rdev, dir_fd=parent.fd)
+            os.mknod(name, p.mode | ftype, p.rdev, dir_fd=parent_fd)
         try:
-            self._give_to_requestor(cbd, parent, name, fd)
+            self._give_to_requestor(cbd, parent_fd, name, fd)
             if fd is not None and p.mode & (stat.S_ISUID | stat.S_ISGID):
                 os.fchmod(fd, p.mode)  # chown cleared them
-            p.attributes = self._pin(parent.fd, name)
+            p.attributes = self._pin(self._table.fd(p.parent), name)
         except BaseException:
             if fd is not None:
                 os.close(fd)
             raise
+        if fd is not None:
+            self._opened(fd, p.flags)
         p.handle = fd
 
-    def _open(self, cbd: CallbackData, p: CreateParameters) -> None:
-        node = self._node(cbd.iopb.target_file_object.inode)
+    def _open_existing(self, cbd: CallbackData, p: CreateParameters) -> None:
+        path = self._table.proc(cbd.iopb.target_file_object.inode)
         if p.file_type == FileType.DIRECTORY:
-            fd = os.open(node.proc, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            fd = self._open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             self._dirs[fd] = _DirectoryHandle(fd, cbd.iopb.target_file_object.inode)
         else:
-            fd = os.open(node.proc, (p.flags & ~_STRIP_ON_OPEN) | os.O_CLOEXEC)
+            fd = self._open(path, (p.flags & ~_STRIP_ON_OPEN) | os.O_CLOEXEC)
+            self._opened(fd, p.flags)
+            if p.flags & os.O_ACCMODE != os.O_WRONLY and not p.flags & os.O_NOATIME:
+                p.attributes = self._access_time(fd)
         p.handle = fd
 
+    def _access_time(self, fd: int) -> FileAttributes | None:
+        """Let ext4 apply its atime rule (relatime, strictatime or noatime) as for a read.
+
+        The kernel keeps a FUSE file's pages cached across opens, so reads it
+        serves from its cache never reach ext4 and would never update atime. A
+        read at the end of the file on the backing descriptor touches atime with
+        no I/O and without changing ctime, exactly as ext4 does for any read.
+        Returns the new attributes if the access time changed, else None.
+        """
+        before = os.fstat(fd)
+        try:
+            os.preadv(fd, [bytearray(1)], before.st_size, os.RWF_NOWAIT)
+        except OSError:
+            return None  # no RWF_NOWAIT on this file system: its own reads still update atime
+        after = os.fstat(fd)
+        return self._attributes(after) if after.st_atime_ns != before.st_atime_ns else None
+
+    def _opened(self, fd: int, flags: int) -> None:
+        if flags & os.O_DIRECT:
+            self._direct.add(fd)
+
     def _query_information(self, cbd: CallbackData, p: QueryInformationParameters) -> None:
-        p.attributes = self._attributes(os.fstat(self._node(cbd.iopb.target_file_object.inode).fd))
+        p.attributes = self._attributes(os.fstat(self._table.fd(cbd.iopb.target_file_object.inode)))
 
     def _set_attributes(self, cbd: CallbackData, p: SetAttributesParameters) -> None:
         fo = cbd.iopb.target_file_object
-        node = self._node(fo.inode)
+        path = self._table.proc(fo.inode)
         if p.mode is not None:
-            os.chmod(node.proc, stat.S_IMODE(p.mode))
-        if p.uid is not None or p.gid is not None:
-            os.chown(node.proc, -1 if p.uid is None else p.uid, -1 if p.gid is None else p.gid)
+            os.chmod(path, stat.S_IMODE(p.mode))
+        if p.uid is not None or p.gid is not None or p.touch_change_time:
+            os.chown(path, -1 if p.uid is None else p.uid, -1 if p.gid is None else p.gid)
         if p.size is not None:
             if fo.handle is not None and fo.handle not in self._dirs:
                 os.ftruncate(fo.handle, p.size)
             else:
-                os.truncate(node.proc, p.size)
+                os.truncate(path, p.size)
         if p.atime_ns is not None or p.mtime_ns is not None:
-            _syscalls.utimensat(node.proc.encode(), p.atime_ns, p.mtime_ns)
-        p.attributes = self._attributes(os.fstat(node.fd))
+            _syscalls.utimensat(path.encode(), p.atime_ns, p.mtime_ns)
+        p.attributes = self._attributes(os.fstat(self._table.fd(fo.inode)))
 
     def _rename(self, cbd: CallbackData, p: RenameParameters) -> None:
-        old = self._node(p.parent).fd
-        new = self._node(p.new_parent).fd
+        old = self._table.fd(p.parent)
+        new = self._table.fd(p.new_parent)
+        if not p.flags & _syscalls.RENAME_EXCHANGE:
+            self._keep_pinned(new, p.new_name)  # a replaced target may still be open
+            old = self._table.fd(p.parent)
+            new = self._table.fd(p.new_parent)
         if p.flags:
             _syscalls.renameat2(old, p.name, new, p.new_name, p.flags)
         else:
             os.rename(p.name, p.new_name, src_dir_fd=old, dst_dir_fd=new)
 
     def _link(self, cbd: CallbackData, p: LinkParameters) -> None:
-        node = self._node(cbd.iopb.target_file_object.inode)
-        new_parent = self._node(p.new_parent)
-        os.link(node.proc, p.new_name, dst_dir_fd=new_parent.fd, follow_symlinks=True)
-        p.attributes = self._pin(new_parent.fd, p.new_name)
+        path = self._table.proc(cbd.iopb.target_file_object.inode)
+        new_parent_fd = self._table.fd(p.new_parent)
+        os.link(path, p.new_name, dst_dir_fd=new_parent_fd, follow_symlinks=True)
+        p.attributes = self._pin(self._table.fd(p.new_parent), p.new_name)
 
     def _disposition(self, cbd: CallbackData, p: DispositionParameters) -> None:
-        parent = self._node(p.parent)
+        self._keep_pinned(self._table.fd(p.parent), p.name)
+        parent_fd = self._table.fd(p.parent)
         if p.directory:
-            os.rmdir(p.name, dir_fd=parent.fd)
+            os.rmdir(p.name, dir_fd=parent_fd)
         else:
-            os.unlink(p.name, dir_fd=parent.fd)
+            os.unlink(p.name, dir_fd=parent_fd)
 
     def _readlink(self, cbd: CallbackData, p: FileSystemControlParameters) -> None:
-        p.target = os.readlink(b"", dir_fd=self._node(cbd.iopb.target_file_object.inode).fd)
+        p.target = os.readlink(b"", dir_fd=self._table.fd(cbd.iopb.target_file_object.inode))
 
     def _read_directory(self, cbd: CallbackData, p: DirectoryControlParameters) -> None:
         dh = self._dirs[cbd.iopb.target_file_object.handle]  # type: ignore[index]
+        self._release_reservations(dh)
         index = dh.resume.get(p.offset) if p.offset else None
         if index is None or index == len(dh.batch):
             self._read_batch(dh, p.offset)
             index = 0
-        p.entries = dh.batch[index:]
+        served = self._serve(dh, index)
+        while not served and dh.batch:  # an empty reply would end the listing: read on
+            self._read_batch(dh, dh.batch[-1].next_offset)
+            served = self._serve(dh, 0)
+        p.entries = served
+
+    def _serve(self, dh: _DirectoryHandle, index: int) -> list[DirectoryEntry]:
+        """The batch from ``index``, each entry with one lookup reserved, less entries gone since."""
+        served = []
+        reserved = dh.reserved
+        for entry in dh.batch[index:]:
+            name = entry.name
+            if name != b"." and name != b"..":
+                ino = entry.attributes.ino
+                if not self._table.reserve_listed(dh.fd, name, ino):
+                    continue  # gone or replaced since it was read: a listing need not show it
+                reserved[ino] = reserved.get(ino, 0) + 1
+            served.append(entry)
+        return served
+
+    def _release_reservations(self, dh: _DirectoryHandle) -> None:
+        for ino, count in dh.reserved.items():
+            if count:
+                self._table.forget(ino, count)
+        dh.reserved.clear()
 
     def _read_batch(self, dh: _DirectoryHandle, offset: int) -> None:
-        dh.drop_batch()
-        known = self._inodes
-        batch = dh.batch
-        for name, d_ino, d_off in dh.reader.read(dh.fd, offset):
-            if name == b"." or name == b"..":
-                if name == b"." or dh.ino == ROOT_INODE:
+        batch: list[DirectoryEntry] = []
+        for name, _d_ino, d_off in dh.reader.read(dh.fd, offset):
+            try:
+                if name == b"..":
+                    st = os.fstat(dh.fd) if dh.ino == ROOT_INODE else os.stat(b"..", dir_fd=dh.fd)
+                elif name == b".":
                     st = os.fstat(dh.fd)
                 else:
-                    st = os.stat(b"..", dir_fd=dh.fd)
-                batch.append(DirectoryEntry(name, self._attributes(st), d_off))
-                continue
-            try:
-                if d_ino in known:
                     st = os.stat(name, dir_fd=dh.fd, follow_symlinks=False)
-                else:
-                    fd = os.open(name, _PIN_FLAGS, dir_fd=dh.fd)
-                    st = os.fstat(fd)
-                    if st.st_ino in known or st.st_ino in dh.pins or st.st_dev != self._dev:
-                        os.close(fd)
-                    else:
-                        dh.pins[st.st_ino] = fd
             except FileNotFoundError:
                 continue  # removed since getdents: a listing need not show it
             if st.st_dev != self._dev:
                 continue  # a mount point inside the backing directory: not ours to show
             batch.append(DirectoryEntry(name, self._attributes(st), d_off))
+        dh.batch = batch
         dh.resume = {entry.next_offset: i + 1 for i, entry in enumerate(batch)}
 
     def _query_ea(self, cbd: CallbackData, p: QueryEaParameters) -> None:
-        path = self._node(cbd.iopb.target_file_object.inode).proc
+        path = self._table.proc(cbd.iopb.target_file_object.inode)
         if p.minor == EaMinor.LIST:
-            p.names = [os.fsencode(name) for name in os.listxattr(path)]
+            names = [os.fsencode(name) for name in os.listxattr(path)]
+            if not _has_capability(cbd.requestor.pid, cbd.requestor.uid, _CAP_SYS_ADMIN):
+                names = [n for n in names if not n.startswith(b"trusted.")]  # as ext4 lists them
+            p.names = names
         else:
             p.value = os.getxattr(path, p.name)
 
     def _set_ea(self, cbd: CallbackData, p: SetEaParameters) -> None:
-        path = self._node(cbd.iopb.target_file_object.inode).proc
+        path = self._table.proc(cbd.iopb.target_file_object.inode)
         if p.minor == EaMinor.REMOVE:
             os.removexattr(path, p.name)
         else:
@@ -411,28 +431,42 @@ class PassthroughBackend:
         assert fd is not None
         dh = self._dirs.pop(fd, None)
         if dh is not None:
-            dh.drop_batch()
+            self._release_reservations(dh)
+        self._direct.discard(fd)
         os.close(fd)
 
     def _statfs(self, cbd: CallbackData, p: QueryVolumeInformationParameters) -> None:
-        v = os.fstatvfs(self._inodes[ROOT_INODE].fd)
+        v = os.fstatvfs(self._table.fd(ROOT_INODE))
         p.statistics = VolumeStatistics(
             v.f_bsize, v.f_frsize, v.f_blocks, v.f_bfree, v.f_bavail, v.f_files, v.f_ffree, v.f_favail, v.f_namemax
         )
 
     def _access(self, cbd: CallbackData, p: AccessParameters) -> None:
-        st = os.fstat(self._node(cbd.iopb.target_file_object.inode).fd)
+        st = os.fstat(self._table.fd(cbd.iopb.target_file_object.inode))
         if not _permits(st, p.mode, cbd.requestor.uid, _groups_of(cbd.requestor.pid, cbd.requestor.gid)):
             raise OSError(errno.EACCES, "access denied")
 
+    def _check_direct_io(self, fd: int, offset: int) -> None:
+        """ext4 refuses O_DIRECT I/O at an offset that is not block-aligned; so do we.
+
+        Only the offset is checked: page-cache writeback of a partial last page
+        may come through any writable handle, O_DIRECT ones included, with an
+        unaligned length, and must not fail.
+        """
+        if fd in self._direct and offset % _DIRECT_IO_ALIGNMENT:
+            raise OSError(errno.EINVAL, "O_DIRECT I/O at an unaligned offset")
+
     def _write(self, cbd: CallbackData, p: WriteParameters) -> None:
         fd = cbd.iopb.target_file_object.handle
-        data = memoryview(p.data)
+        assert fd is not None
         offset = p.offset
+        if self._direct:
+            self._check_direct_io(fd, offset)
+        data = memoryview(p.data)
         done = 0
         while done < len(data):
             try:
-                n = os.pwrite(fd, data[done:], offset + done)  # type: ignore[arg-type]
+                n = os.pwrite(fd, data[done:], offset + done)
             except OSError:
                 if done:
                     break  # a short write, like ext4's on ENOSPC after some bytes
@@ -445,6 +479,8 @@ class PassthroughBackend:
     async def _read(self, cbd: CallbackData, p: ReadParameters) -> None:
         fd = cbd.iopb.target_file_object.handle
         assert fd is not None
+        if self._direct:
+            self._check_direct_io(fd, p.offset)
         buf = bytearray(p.length)
         n = 0
         if self._nowait:
@@ -467,6 +503,18 @@ class PassthroughBackend:
         assert fd is not None
         sync: Callable[[int], None] = os.fdatasync if p.datasync else os.fsync
         await trio.to_thread.run_sync(sync, fd)
+
+
+def _has_capability(pid: int, uid: int, capability: int) -> bool:
+    """Whether process ``pid`` has ``capability`` in its effective set (uid 0 if it cannot be read)."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"CapEff:"):
+                    return bool(int(line.split()[1], 16) >> capability & 1)
+    except OSError:
+        pass
+    return uid == 0
 
 
 def _groups_of(pid: int, gid: int) -> set[int]:

@@ -55,6 +55,7 @@ import functools
 import logging
 import os
 import stat
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
@@ -127,11 +128,25 @@ def _loggable(args: tuple[Any, ...]) -> tuple[Any, ...]:
     return tuple(out)
 
 
+def _utime(ns: int) -> int:
+    """pyfuse3 turns UTIME_NOW into its own clock reading; turn such a reading back into "now".
+
+    Then ext4 stamps the time and the change time from one clock reading, as it
+    does for utimensat(UTIME_NOW). A reading is a time within 50 ms of now with
+    sub-microsecond digits, which an explicit time from a caller practically
+    never is; if it is one, the result differs from it by less than 50 ms.
+    """
+    if ns % 1000 and abs(time.time_ns() - ns) < _NOW_WINDOW_NS:
+        return SetAttributesParameters.TIME_NOW
+    return ns
+
+
 def _requestor(ctx: pyfuse3.RequestContext) -> Requestor:
     return Requestor(ctx.pid, ctx.uid, ctx.gid, ctx.umask)
 
 
-_KERNEL = Requestor(0, 0, 0, 0)  # for requests the kernel makes on its own (forget)
+_KERNEL = Requestor(0, 0, 0, 0)
+_NOW_WINDOW_NS = 50_000_000  # for requests the kernel makes on its own (forget)
 
 
 class KernelAdapter(pyfuse3.Operations):
@@ -167,7 +182,6 @@ class KernelAdapter(pyfuse3.Operations):
         sees = self._stack.sees
         self._attr_timeout = 0.0 if sees(MajorFunction.QUERY_INFORMATION) else self._attr_timeout_max
         self._entry_timeout = 0.0 if sees(MajorFunction.LOOKUP) else self._entry_timeout_max
-        self._keep_cache = not sees(MajorFunction.READ)
 
     # -- plumbing -------------------------------------------------------------
 
@@ -216,8 +230,18 @@ class KernelAdapter(pyfuse3.Operations):
         self._files[fh] = fo
         return fh
 
-    def _file_info(self, fh: int, flags: int) -> pyfuse3.FileInfo:
-        return pyfuse3.FileInfo(fh=fh, keep_cache=self._keep_cache and not flags & os.O_DIRECT)
+    def _file_info(self, fh: int) -> pyfuse3.FileInfo:
+        """No keep_cache: the kernel drops a file's cached pages at each open, so reads of a
+        newly opened file reach the backend (ext4 updates atime by its relatime rule, and
+        filters see the reads)."""
+        return pyfuse3.FileInfo(fh=fh)
+
+    def _attributes_changed(self, inode: int) -> None:
+        """Make the kernel drop the attributes it caches for ``inode`` (not its pages)."""
+        try:
+            pyfuse3.invalidate_inode(inode, attr_only=True)
+        except OSError as exc:  # no session (in-process use) or an old kernel
+            log.debug("could not invalidate the attributes of inode %d: %s", inode, exc)
 
     async def _never_fails(self, fo: FileObject, params: Parameters) -> None:
         """CLEANUP and CLOSE: the caller's close(2) succeeds whatever happens below."""
@@ -268,9 +292,18 @@ class KernelAdapter(pyfuse3.Operations):
         if fields.update_gid:
             p.gid = attr.st_gid
         if fields.update_atime:
-            p.atime_ns = attr.st_atime_ns
+            p.atime_ns = _utime(attr.st_atime_ns)
         if fields.update_mtime:
-            p.mtime_ns = attr.st_mtime_ns
+            p.mtime_ns = _utime(attr.st_mtime_ns)
+        if fields.update_ctime or not (
+            fields.update_size
+            or fields.update_mode
+            or fields.update_uid
+            or fields.update_gid
+            or fields.update_atime
+            or fields.update_mtime
+        ):
+            p.touch_change_time = True  # chown(f, -1, -1): the kernel sends a SETATTR that changes nothing
         if (
             p.size is not None
             and p.mode is None
@@ -365,7 +398,9 @@ class KernelAdapter(pyfuse3.Operations):
         disposition = CreateDisposition.OVERWRITE if flags & os.O_TRUNC else CreateDisposition.OPEN
         p = CreateParameters(disposition, FileType.REGULAR, flags, handle_requested=True)
         await self._call(fo, p, req)
-        return self._file_info(self._opened(fo, p), flags)
+        if p.attributes is not None:
+            self._attributes_changed(inode)
+        return self._file_info(self._opened(fo, p))
 
     @_boundary
     async def create(
@@ -385,7 +420,7 @@ class KernelAdapter(pyfuse3.Operations):
         await self._call(fo, p, req)
         entry = self._entry(p.attributes)
         fo.inode = entry.st_ino
-        return self._file_info(self._opened(fo, p), flags), entry
+        return self._file_info(self._opened(fo, p)), entry
 
     @_boundary
     async def read(self, fh: int, off: int, size: int) -> bytes:
@@ -432,11 +467,15 @@ class KernelAdapter(pyfuse3.Operations):
         fo = self._file(fh)
         p = DirectoryControlParameters(start_id)
         await self._call(fo, p, fo.opener or _KERNEL)
-        for entry in p.entries:
-            if not pyfuse3.readdir_reply(token, entry.name, self._entry(entry.attributes), entry.next_offset):
-                break
-            if entry.name != b"." and entry.name != b"..":
-                self._backend.remember_listed(fh, entry)
+        taken: list[int] = []
+        try:
+            for entry in p.entries:
+                if not pyfuse3.readdir_reply(token, entry.name, self._entry(entry.attributes), entry.next_offset):
+                    break
+                if entry.name != b"." and entry.name != b"..":
+                    taken.append(entry.attributes.ino)  # the kernel counts a lookup for each
+        finally:
+            self._backend.commit_listing(fh, taken)
 
     @_boundary
     async def releasedir(self, fh: int) -> None:

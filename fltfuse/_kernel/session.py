@@ -23,6 +23,8 @@ log = logging.getLogger("fltfuse.kernel")
 
 # Options fltfuse itself consumes; every other option goes to libfuse and the kernel.
 _OWN_OPTIONS = {"attr_timeout", "entry_timeout"}
+# Options that also apply to the backing ext4 (the kernel keeps no atime for FUSE).
+_BACKING_OPTIONS = {"noatime", "relatime", "strictatime", "nodiratime", "lazytime"}
 
 
 @dataclass
@@ -70,6 +72,11 @@ class FuseOptions:
     @property
     def read_only(self) -> bool:
         return "ro" in self.kernel
+
+    @property
+    def backing(self) -> tuple[str, ...]:
+        """The options the backing ext4 is mounted with too: how atime is kept."""
+        return tuple(o for o in self.kernel if o in _BACKING_OPTIONS)
 
 
 def serve(adapter: KernelAdapter, mountpoint: str, options: FuseOptions, on_ready: Callable[[], None]) -> None:

@@ -224,10 +224,9 @@ async def test_directory_listing_resumes_at_offsets_without_skips_or_repeats(dri
         if not p.entries:
             break
         taken = p.entries[:7]  # the kernel takes only what fits its buffer
-        for entry in taken:
-            seen.append(entry.name)
-            if entry.name not in (b".", b".."):
-                driver.backend.remember_listed(fh, entry)  # type: ignore[arg-type]
+        seen.extend(entry.name for entry in taken)
+        assert fh is not None
+        driver.backend.commit_listing(fh, [e.attributes.ino for e in taken if e.name not in (b".", b"..")])
         offset = taken[-1].next_offset
         rounds += 1
         if rounds == 20:  # the directory changes during the listing
@@ -293,3 +292,70 @@ async def test_read_of_uncached_data_goes_to_a_thread_and_returns_everything(dri
 async def test_errors_of_a_bad_handle_are_statuses_not_exceptions(driver: Driver) -> None:
     cbd = await driver.send(WriteParameters(0, b"x"), ROOT_INODE, 987654)
     assert cbd.io_status.status is NtStatus.INVALID_HANDLE
+
+
+async def test_listing_counts_one_lookup_per_entry_taken(driver: Driver) -> None:
+    for i in range(50):
+        (driver.root / f"e{i}").write_bytes(b"")
+    op = CreateParameters(CreateDisposition.OPEN, FileType.DIRECTORY, os.O_RDONLY, handle_requested=True)
+    await driver.send(op)
+    assert op.handle is not None
+    base = driver.backend.known_inodes()
+    p = DirectoryControlParameters(0)
+    await driver.send(p, ROOT_INODE, op.handle)
+    children = [e for e in p.entries if e.name not in (b".", b"..")]
+    driver.backend.commit_listing(op.handle, [e.attributes.ino for e in children[:10]])
+    assert driver.backend.known_inodes() == base + 10  # the other 40 were released
+    for e in children[:10]:
+        driver.backend.forget(e.attributes.ino, 1)
+    assert driver.backend.known_inodes() == base
+    await driver.send(CloseParameters(directory=True), ROOT_INODE, op.handle)
+
+
+async def test_entries_removed_between_serves_are_left_out_not_errors(driver: Driver) -> None:
+    for i in range(300):
+        (driver.root / f"x{i:03d}").write_bytes(b"")
+    op = CreateParameters(CreateDisposition.OPEN, FileType.DIRECTORY, os.O_RDONLY, handle_requested=True)
+    await driver.send(op)
+    assert op.handle is not None
+    p = DirectoryControlParameters(0)
+    await driver.send(p, ROOT_INODE, op.handle)
+    first = p.entries[:5]
+    driver.backend.commit_listing(op.handle, [e.attributes.ino for e in first if e.name not in (b".", b"..")])
+    for i in range(300):
+        (driver.root / f"x{i:03d}").unlink(missing_ok=True)
+    p2 = DirectoryControlParameters(first[-1].next_offset)
+    cbd = await driver.send(p2, ROOT_INODE, op.handle)
+    assert cbd.io_status.status is NtStatus.SUCCESS
+    assert [e.name for e in p2.entries if e.name not in (b".", b"..")] == []
+    driver.backend.commit_listing(op.handle, [])
+    await driver.send(CloseParameters(directory=True), ROOT_INODE, op.handle)
+
+
+async def test_a_batch_whose_rest_was_deleted_does_not_end_the_listing(driver: Driver) -> None:
+    """Regression: when every entry left in the cached batch is gone, serve the next batch, not EOF."""
+    names = [f"y{i:04d}" for i in range(1000)]
+    for name in names:
+        (driver.root / name).write_bytes(b"")
+    op = CreateParameters(CreateDisposition.OPEN, FileType.DIRECTORY, os.O_RDONLY, handle_requested=True)
+    await driver.send(op)
+    assert op.handle is not None
+    p = DirectoryControlParameters(0)
+    await driver.send(p, ROOT_INODE, op.handle)
+    first = p.entries[:3]
+    driver.backend.commit_listing(op.handle, [e.attributes.ino for e in first if e.name not in (b".", b"..")])
+    for entry in p.entries[3:]:  # the whole rest of this batch disappears
+        os.unlink(driver.root / entry.name.decode())
+    seen = {e.name for e in first}
+    offset = first[-1].next_offset
+    while True:
+        p = DirectoryControlParameters(offset)
+        await driver.send(p, ROOT_INODE, op.handle)
+        if not p.entries:
+            break
+        seen.update(e.name for e in p.entries)
+        driver.backend.commit_listing(op.handle, [e.attributes.ino for e in p.entries if e.name not in (b".", b"..")])
+        offset = p.entries[-1].next_offset
+    left = {n.encode() for n in os.listdir(driver.root)}
+    assert left <= seen, f"{len(left - seen)} entries never listed"
+    await driver.send(CloseParameters(directory=True), ROOT_INODE, op.handle)

@@ -1,0 +1,222 @@
+"""The inodes the kernel knows, with their lookup counts and a way to reach each one.
+
+FUSE names files by node id, and pyfuse3 makes the node id the inode number
+(``st_ino``). The kernel may send a request for any node id it holds a lookup
+on, long after the name it came through was renamed or removed, so the table
+must reach the *same* inode without a path:
+
+* A **pinned** inode has an ``O_PATH`` descriptor. While it is pinned its
+  number cannot be reused, renames and hard links need no bookkeeping, and an
+  unlinked-but-open file stays reachable.
+* Descriptors are limited (RLIMIT_NOFILE, which an unprivileged or
+  capability-less root cannot raise), and the kernel may know hundreds of
+  thousands of inodes (one listing of a big directory). So only the most
+  recently used inodes stay pinned; the others keep a **file handle**
+  (``name_to_handle_at``: inode number and generation) and are re-opened with
+  ``open_by_handle_at`` when used. A handle of an inode that was deleted and
+  whose number was reused answers ESTALE: never another file.
+* Inodes whose link count is 0 (unlinked while open) cannot be re-opened by
+  handle, so they are never unpinned; the backend pins a known inode before it
+  removes a name of it.
+
+Where the backing file system has no file handles, every known inode stays
+pinned (and the descriptor limit bounds the working set; the daemon logs it).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+from collections import OrderedDict
+
+from . import _syscalls
+
+log = logging.getLogger(__name__)
+
+ROOT_INODE = 1
+PIN_FLAGS = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+class Inode:
+    """One inode the kernel holds: pin descriptor (or -1), file handle (or None), lookups."""
+
+    __slots__ = ("fd", "handle", "lookups")
+
+    def __init__(self, fd: int, handle: bytes | None, lookups: int):
+        self.fd = fd
+        self.handle = handle
+        self.lookups = lookups
+
+
+class InodeTable:
+    """Node id -> inode, pinned within a descriptor budget, re-opened by handle beyond it."""
+
+    def __init__(self, root_fd: int, root_ino: int, mount_fd: int, budget: int):
+        self._root_ino = root_ino
+        self._mount_fd = mount_fd  # open_by_handle_at needs a descriptor that is not O_PATH
+        self.budget = max(budget, 64)
+        self._nodes: dict[int, Inode] = {ROOT_INODE: Inode(root_fd, None, 1)}
+        self._pinned: OrderedDict[int, Inode] = OrderedDict()  # least recently used first; root excluded
+        self._handles_work = True
+
+    def __len__(self) -> int:
+        return len(self._nodes)
+
+    @property
+    def pinned(self) -> int:
+        return len(self._pinned) + 1
+
+    def node_id(self, st_ino: int) -> int:
+        return ROOT_INODE if st_ino == self._root_ino else st_ino
+
+    def get(self, ino: int) -> Inode | None:
+        return self._nodes.get(ino)
+
+    def fd(self, ino: int) -> int:
+        """An O_PATH descriptor of ``ino``, valid until the next call that pins another inode."""
+        node = self._nodes.get(ino)
+        if node is None:
+            raise OSError(errno.ESTALE, f"inode {ino} is not known")
+        if node.fd >= 0:
+            if ino != ROOT_INODE:
+                self._pinned.move_to_end(ino)
+            return node.fd
+        assert node.handle is not None
+        node.fd = _syscalls.open_by_handle_at(self._mount_fd, node.handle, PIN_FLAGS)
+        self._pin(ino, node)
+        return node.fd
+
+    def proc(self, ino: int) -> str:
+        """``/proc/self/fd/N`` for ``ino``: a path that reaches the inode itself, even a symlink."""
+        return f"/proc/self/fd/{self.fd(ino)}"
+
+    def lookup(self, dir_fd: int, name: bytes, st: os.stat_result) -> os.stat_result:
+        """Count one kernel lookup of ``dir_fd/name`` (whose stat is ``st``); return its stat.
+
+        The returned stat is of the object actually referenced, which differs
+        from ``st`` only if the name was replaced in between.
+        """
+        ino = self.node_id(st.st_ino)
+        node = self._nodes.get(ino)
+        if node is not None:
+            if node.fd < 0 and ino != ROOT_INODE:
+                handle = _syscalls.name_to_handle_at(dir_fd, name, 0)
+                if handle != node.handle:  # the old inode died and its number was reused
+                    node.handle = handle
+            node.lookups += 1
+            return st
+        fd = os.open(name, PIN_FLAGS, dir_fd=dir_fd)
+        try:
+            st = os.fstat(fd)  # the object we pinned, even if the name changed meanwhile
+        except BaseException:
+            os.close(fd)
+            raise
+        ino = self.node_id(st.st_ino)
+        node = self._nodes.get(ino)
+        if node is not None:
+            os.close(fd)
+            node.lookups += 1
+            return st
+        node = Inode(fd, None, 1)
+        self._nodes[ino] = node
+        self._pin(ino, node)
+        return st
+
+    def reserve_listed(self, dir_fd: int, name: bytes, ino: int) -> bool:
+        """Count one lookup of a listed entry without pinning it; False if the name no longer is ``ino``."""
+        node = self._nodes.get(ino)
+        if node is not None:
+            node.lookups += 1
+            return True
+        try:
+            handle = _syscalls.name_to_handle_at(dir_fd, name, 0)
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            if exc.errno != errno.EOPNOTSUPP:
+                raise
+            fd = os.open(name, PIN_FLAGS, dir_fd=dir_fd)  # no handles here: pin it
+            if self.node_id(os.fstat(fd).st_ino) != ino:
+                os.close(fd)
+                return False
+            node = Inode(fd, None, 1)
+            self._nodes[ino] = node
+            self._pin(ino, node)
+            return True
+        found = _syscalls.handle_inode(handle)
+        if found is not None and found != ino:
+            return False
+        self._nodes[ino] = Inode(-1, handle, 1)
+        return True
+
+    def add_lookups(self, ino: int, count: int) -> bool:
+        node = self._nodes.get(ino)
+        if node is None:
+            return False
+        node.lookups += count
+        return True
+
+    def forget(self, ino: int, count: int) -> None:
+        """The kernel dropped ``count`` lookups of ``ino``; at zero the inode is released."""
+        if ino == ROOT_INODE:
+            return
+        node = self._nodes.get(ino)
+        if node is None:
+            log.error("forget of unknown inode %d", ino)
+            return
+        node.lookups -= count
+        if node.lookups <= 0:
+            del self._nodes[ino]
+            if node.fd >= 0:
+                del self._pinned[ino]
+                os.close(node.fd)
+
+    def keep_pinned(self, ino: int) -> None:
+        """Make sure ``ino`` is pinned before a name of it is removed (it may be open, or a cwd)."""
+        if ino in self._nodes:
+            self.fd(ino)
+
+    def make_room(self, count: int) -> int:
+        """Unpin up to ``count`` inodes (after EMFILE); return how many were unpinned."""
+        before = len(self._pinned)
+        self._evict(max(0, len(self._pinned) - count))
+        return before - len(self._pinned)
+
+    def close(self) -> None:
+        for node in self._nodes.values():
+            if node.fd >= 0:
+                os.close(node.fd)
+        self._nodes.clear()
+        self._pinned.clear()
+
+    def _pin(self, ino: int, node: Inode) -> None:
+        self._pinned[ino] = node
+        if len(self._pinned) > self.budget:
+            self._evict(self.budget - self.budget // 8)
+
+    def _evict(self, target: int) -> None:
+        """Unpin least recently used inodes until at most ``target`` stay pinned."""
+        if not self._handles_work:
+            return
+        skipped: list[tuple[int, Inode]] = []
+        while len(self._pinned) > target:
+            ino, node = self._pinned.popitem(last=False)
+            if os.fstat(node.fd).st_nlink == 0:
+                skipped.append((ino, node))  # unlinked: no handle can reach it again
+                continue
+            if node.handle is None:
+                try:
+                    node.handle = _syscalls.name_to_handle_at(node.fd, b"", _syscalls.AT_EMPTY_PATH)
+                except OSError as exc:
+                    if exc.errno != errno.EOPNOTSUPP:
+                        raise
+                    log.warning("the backing file system has no file handles: every known inode stays pinned")
+                    self._handles_work = False
+                    skipped.append((ino, node))
+                    break
+            os.close(node.fd)
+            node.fd = -1
+        for ino, node in reversed(skipped):
+            self._pinned[ino] = node
+            self._pinned.move_to_end(ino, last=False)
