@@ -9,7 +9,18 @@ from typing import Any
 
 import pytest
 
-from fltfuse import CallbackData, FileObject, Parameters, Requestor
+from fltfuse import (
+    CallbackData,
+    CloseParameters,
+    CreateDisposition,
+    CreateParameters,
+    DirectoryControlParameters,
+    DirectoryEntry,
+    FileObject,
+    FileType,
+    Parameters,
+    Requestor,
+)
 from fltfuse._backend import ROOT_INODE, PassthroughBackend
 from fltfuse._stack import InstanceStack
 
@@ -29,6 +40,25 @@ class Driver:
         cbd = CallbackData(FileObject(inode, handle), params, kw.get("requestor", self.me))
         await self.stack.dispatch(cbd)
         return cbd
+
+    async def opendir(self, inode: int = ROOT_INODE) -> int:
+        p = CreateParameters(CreateDisposition.OPEN, FileType.DIRECTORY, os.O_RDONLY, handle_requested=True)
+        await self.send(p, inode)
+        assert p.handle is not None
+        return p.handle
+
+    async def list_from(self, handle: int, offset: int, inode: int = ROOT_INODE) -> list[DirectoryEntry]:
+        """One DIRECTORY_CONTROL request: the entries served from ``offset``."""
+        p = DirectoryControlParameters(offset)
+        await self.send(p, inode, handle)
+        return p.entries
+
+    def take(self, handle: int, entries: list[DirectoryEntry]) -> None:
+        """What the kernel adapter does for the entries the kernel took from a listing."""
+        self.backend.commit_listing(handle, [e.attributes.ino for e in entries if e.name not in (b".", b"..")])
+
+    async def closedir(self, handle: int, inode: int = ROOT_INODE) -> None:
+        await self.send(CloseParameters(directory=True), inode, handle)
 
 
 @pytest.fixture

@@ -13,7 +13,6 @@ from fltfuse import (
     CloseParameters,
     CreateDisposition,
     CreateParameters,
-    DirectoryControlParameters,
     DispositionParameters,
     EaMinor,
     FileInformationClass,
@@ -212,21 +211,14 @@ async def test_directory_listing_resumes_at_offsets_without_skips_or_repeats(dri
     names = {f"n{i:04d}".encode() for i in range(600)}
     for name in names:
         (driver.root / name.decode()).write_bytes(b"")
-    op = CreateParameters(CreateDisposition.OPEN, FileType.DIRECTORY, os.O_RDONLY, handle_requested=True)
-    await driver.send(op)
-    fh = op.handle
+    fh = await driver.opendir()
     seen: list[bytes] = []
     offset = 0
     rounds = 0
-    while True:
-        p = DirectoryControlParameters(offset)
-        await driver.send(p, ROOT_INODE, fh)
-        if not p.entries:
-            break
-        taken = p.entries[:7]  # the kernel takes only what fits its buffer
+    while entries := await driver.list_from(fh, offset):
+        taken = entries[:7]  # the kernel takes only what fits its buffer
         seen.extend(entry.name for entry in taken)
-        assert fh is not None
-        driver.backend.commit_listing(fh, [e.attributes.ino for e in taken if e.name not in (b".", b"..")])
+        driver.take(fh, taken)
         offset = taken[-1].next_offset
         rounds += 1
         if rounds == 20:  # the directory changes during the listing
@@ -235,10 +227,9 @@ async def test_directory_listing_resumes_at_offsets_without_skips_or_repeats(dri
     listed = [n for n in seen if n not in (b".", b"..")]
     assert len(listed) == len(set(listed)), "an entry was listed twice"
     assert {b".", b".."} <= set(seen)
-    expected = names - {b"n0000"}
-    missing = expected - set(listed)
+    missing = (names - {b"n0000"}) - set(listed)
     assert not missing, f"entries skipped: {sorted(missing)[:5]}"
-    await driver.send(CloseParameters(directory=True), ROOT_INODE, fh)
+    await driver.closedir(fh)
 
 
 async def test_extended_attributes(driver: Driver) -> None:
@@ -297,65 +288,47 @@ async def test_errors_of_a_bad_handle_are_statuses_not_exceptions(driver: Driver
 async def test_listing_counts_one_lookup_per_entry_taken(driver: Driver) -> None:
     for i in range(50):
         (driver.root / f"e{i}").write_bytes(b"")
-    op = CreateParameters(CreateDisposition.OPEN, FileType.DIRECTORY, os.O_RDONLY, handle_requested=True)
-    await driver.send(op)
-    assert op.handle is not None
+    fh = await driver.opendir()
     base = driver.backend.known_inodes()
-    p = DirectoryControlParameters(0)
-    await driver.send(p, ROOT_INODE, op.handle)
-    children = [e for e in p.entries if e.name not in (b".", b"..")]
-    driver.backend.commit_listing(op.handle, [e.attributes.ino for e in children[:10]])
+    children = [e for e in await driver.list_from(fh, 0) if e.name not in (b".", b"..")]
+    driver.take(fh, children[:10])
     assert driver.backend.known_inodes() == base + 10  # the other 40 were released
     for e in children[:10]:
         driver.backend.forget(e.attributes.ino, 1)
     assert driver.backend.known_inodes() == base
-    await driver.send(CloseParameters(directory=True), ROOT_INODE, op.handle)
+    await driver.closedir(fh)
 
 
 async def test_entries_removed_between_serves_are_left_out_not_errors(driver: Driver) -> None:
     for i in range(300):
         (driver.root / f"x{i:03d}").write_bytes(b"")
-    op = CreateParameters(CreateDisposition.OPEN, FileType.DIRECTORY, os.O_RDONLY, handle_requested=True)
-    await driver.send(op)
-    assert op.handle is not None
-    p = DirectoryControlParameters(0)
-    await driver.send(p, ROOT_INODE, op.handle)
-    first = p.entries[:5]
-    driver.backend.commit_listing(op.handle, [e.attributes.ino for e in first if e.name not in (b".", b"..")])
+    fh = await driver.opendir()
+    first = (await driver.list_from(fh, 0))[:5]
+    driver.take(fh, first)
     for i in range(300):
         (driver.root / f"x{i:03d}").unlink(missing_ok=True)
-    p2 = DirectoryControlParameters(first[-1].next_offset)
-    cbd = await driver.send(p2, ROOT_INODE, op.handle)
-    assert cbd.io_status.status is NtStatus.SUCCESS
-    assert [e.name for e in p2.entries if e.name not in (b".", b"..")] == []
-    driver.backend.commit_listing(op.handle, [])
-    await driver.send(CloseParameters(directory=True), ROOT_INODE, op.handle)
+    rest = await driver.list_from(fh, first[-1].next_offset)
+    assert [e.name for e in rest if e.name not in (b".", b"..")] == []
+    driver.take(fh, [])
+    await driver.closedir(fh)
 
 
 async def test_a_batch_whose_rest_was_deleted_does_not_end_the_listing(driver: Driver) -> None:
     """Regression: when every entry left in the cached batch is gone, serve the next batch, not EOF."""
-    names = [f"y{i:04d}" for i in range(1000)]
-    for name in names:
-        (driver.root / name).write_bytes(b"")
-    op = CreateParameters(CreateDisposition.OPEN, FileType.DIRECTORY, os.O_RDONLY, handle_requested=True)
-    await driver.send(op)
-    assert op.handle is not None
-    p = DirectoryControlParameters(0)
-    await driver.send(p, ROOT_INODE, op.handle)
-    first = p.entries[:3]
-    driver.backend.commit_listing(op.handle, [e.attributes.ino for e in first if e.name not in (b".", b"..")])
-    for entry in p.entries[3:]:  # the whole rest of this batch disappears
+    for i in range(1000):
+        (driver.root / f"y{i:04d}").write_bytes(b"")
+    fh = await driver.opendir()
+    batch = await driver.list_from(fh, 0)
+    first = batch[:3]
+    driver.take(fh, first)
+    for entry in batch[3:]:  # the whole rest of this batch disappears
         os.unlink(driver.root / entry.name.decode())
     seen = {e.name for e in first}
     offset = first[-1].next_offset
-    while True:
-        p = DirectoryControlParameters(offset)
-        await driver.send(p, ROOT_INODE, op.handle)
-        if not p.entries:
-            break
-        seen.update(e.name for e in p.entries)
-        driver.backend.commit_listing(op.handle, [e.attributes.ino for e in p.entries if e.name not in (b".", b"..")])
-        offset = p.entries[-1].next_offset
+    while entries := await driver.list_from(fh, offset):
+        seen.update(e.name for e in entries)
+        driver.take(fh, entries)
+        offset = entries[-1].next_offset
     left = {n.encode() for n in os.listdir(driver.root)}
     assert left <= seen, f"{len(left - seen)} entries never listed"
-    await driver.send(CloseParameters(directory=True), ROOT_INODE, op.handle)
+    await driver.closedir(fh)
