@@ -64,16 +64,35 @@ def make_private_dir(path: Path, mode: int = 0o755) -> None:
     os.chmod(path, mode)
 
 
+def resolve_mountpoint(path: str) -> str:
+    """The absolute, symlink-free path of a mount point, without touching the mount point itself.
+
+    Resolving the last component would stat it: on a live FUSE mount that is a
+    request to the daemon, which may be the caller, or wedged.
+    """
+    path = os.path.abspath(path)
+    return os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))
+
+
 def volume_id(mountpoint: str) -> str:
     """A stable, readable id for the volume mounted at ``mountpoint``."""
-    real = os.path.realpath(mountpoint)
+    real = resolve_mountpoint(mountpoint)
     slug = re.sub(r"[^A-Za-z0-9]+", "-", real).strip("-")[-40:] or "root"
     return f"{slug}-{hashlib.sha256(real.encode()).hexdigest()[:8]}"
 
 
+# mount(8) runs helpers with no PATH; losetup, mkfs.ext4 and umount live in the sbin directories.
+_TOOL_ENV = {**os.environ, "PATH": os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin:/usr/bin:/sbin:/bin"])}
+
+
+def _tool(argv: list[str]) -> subprocess.CompletedProcess[str]:
+    """Run a system tool, capturing its output."""
+    return subprocess.run(argv, capture_output=True, text=True, check=False, env=_TOOL_ENV)
+
+
 def _run(argv: list[str], what: str) -> str:
     try:
-        done = subprocess.run(argv, capture_output=True, text=True, check=False)
+        done = _tool(argv)
     except FileNotFoundError as exc:
         raise VolumeError(f"{what}: {argv[0]} is not installed") from exc
     if done.returncode != 0:
@@ -111,7 +130,7 @@ def _unescape(field: str) -> str:
 
 
 def is_mounted(path: str) -> bool:
-    real = os.path.realpath(path)
+    real = resolve_mountpoint(path)
     return any(mnt == real for _, mnt, _, _ in mounts())
 
 
@@ -188,7 +207,7 @@ class Volume:
 
     def __init__(self, source: str, mountpoint: str, *, read_only: bool = False, backing_options: tuple[str, ...] = ()):
         self.source = os.path.realpath(source)
-        self.mountpoint = os.path.realpath(mountpoint)
+        self.mountpoint = resolve_mountpoint(mountpoint)
         self.read_only = read_only
         self.backing_options = backing_options
         self.id = volume_id(self.mountpoint)
@@ -279,19 +298,21 @@ def _release(state: VolumeState) -> None:
     errors = []
     if state.backing_mounted:
         for attempt in range(50):
-            done = subprocess.run(["umount", state.backing], capture_output=True, text=True)
+            done = _tool(["umount", state.backing])
             if done.returncode == 0 or not is_mounted(state.backing):
+                state.backing_mounted = False
                 break
             if "busy" not in done.stderr or attempt == 49:
                 errors.append(f"umount {state.backing}: {done.stderr.strip()}")
                 break
             time.sleep(0.1)
-        state.backing_mounted = False
-    if state.loop_device:
-        done = subprocess.run(["losetup", "-d", state.loop_device], capture_output=True, text=True)
+    if state.loop_device and not state.backing_mounted:
+        done = _tool(["losetup", "-d", state.loop_device])
         if done.returncode != 0 and "No such device" not in done.stderr:
             errors.append(f"losetup -d {state.loop_device}: {done.stderr.strip()}")
-    if state.kind != "directory":
+        else:
+            state.loop_device = None
+    if state.kind != "directory" and not state.backing_mounted:
         with contextlib.suppress(OSError):
             os.rmdir(state.backing)
         with contextlib.suppress(OSError):
@@ -307,11 +328,11 @@ def detach_fuse(mountpoint: str, *, lazy: bool) -> None:
     """Unmount the FUSE mount at ``mountpoint`` (lazily for a dead daemon's)."""
     if not is_mounted(mountpoint):
         return
-    if shutil.which("fusermount3"):
+    if shutil.which("fusermount3", path=_TOOL_ENV["PATH"]):
         argv = ["fusermount3", "-u", *(["-z"] if lazy else []), mountpoint]
     else:
         argv = ["umount", "-l", mountpoint] if lazy else ["umount", mountpoint]
-    done = subprocess.run(argv, capture_output=True, text=True)
+    done = _tool(argv)
     if done.returncode != 0 and is_mounted(mountpoint):
         raise VolumeError(f"unmounting {mountpoint}: {done.stderr.strip()}")
 

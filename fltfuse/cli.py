@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _mount(args: argparse.Namespace) -> int:
     args.source = os.path.abspath(args.source)
-    args.mountpoint = os.path.abspath(args.mountpoint)
+    args.mountpoint = _volume.resolve_mountpoint(args.mountpoint)
     options = FuseOptions.parse(args.options, fsname=args.source)
     if args.foreground:
         return _serve(args, options)
@@ -115,7 +115,10 @@ def _serve(args: argparse.Namespace, options: FuseOptions) -> int:
 
 def _spawn(args: argparse.Namespace) -> int:
     """Start the daemon in the background and wait until its mount is live."""
-    mountpoint = os.path.realpath(args.mountpoint)
+    mountpoint = _volume.resolve_mountpoint(args.mountpoint)
+    state = _volume.VolumeState.load(mountpoint)
+    if state is not None and state.daemon_alive():  # say so here: the log is the live daemon's
+        raise _volume.VolumeError(f"{mountpoint} is already served by fltfuse daemon {state.pid}")
     log_path = _volume.state_root() / f"{_volume.volume_id(mountpoint)}.log"
     _volume.make_private_dir(log_path.parent)
     read_end, write_end = os.pipe()

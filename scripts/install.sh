@@ -45,7 +45,8 @@ if [ ! -f "$stamp" ] || [ "$here/pyproject.toml" -nt "$stamp" ]; then
   touch "$stamp"
 fi
 
-# The commands on root's PATH, and the helper mount(8) runs for -t fuse.fltfuse.
+# The commands on root's PATH. `mount -t fuse.fltfuse` runs fuse3's mount.fuse3,
+# which strips fstab's own options and runs `fltfuse SOURCE MOUNTPOINT -o ...` from PATH.
 ln -sf "$here/.venv/bin/fltfuse" /usr/local/bin/fltfuse
 ln -sf "$here/.venv/bin/fltmc" /usr/local/bin/fltmc
-ln -sf "$here/.venv/bin/fltfuse" /usr/local/sbin/mount.fuse.fltfuse
+rm -f /usr/local/sbin/mount.fuse.fltfuse  # an earlier install's helper link: mount(8) never looked there

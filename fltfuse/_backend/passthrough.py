@@ -121,7 +121,8 @@ class PassthroughBackend:
         soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
         self._table = InodeTable(fd, st.st_ino, self._mount_fd, budget=soft - max(1024, soft // 4))
         self._dirs: dict[int, _DirectoryHandle] = {}
-        self._direct: set[int] = set()  # handles opened with O_DIRECT
+        self._files: set[int] = set()  # open file handles (descriptors)
+        self._direct: set[int] = set()  # the ones opened with O_DIRECT
         self._nowait = True
         self._am_root = os.geteuid() == 0
         self._sync: dict[type[Parameters], Callable[[CallbackData, Any], None]] = {
@@ -186,10 +187,12 @@ class PassthroughBackend:
         return self._table.pinned
 
     def close(self) -> None:
-        """Release every descriptor (after unmount)."""
-        for fd in list(self._dirs):
+        """Release every descriptor (after unmount: the kernel may not have sent every CLOSE)."""
+        for fd in [*self._dirs, *self._files]:
             os.close(fd)
         self._dirs.clear()
+        self._files.clear()
+        self._direct.clear()
         self._table.close()
         os.close(self._mount_fd)
 
@@ -304,6 +307,7 @@ class PassthroughBackend:
         return self._attributes(after) if after.st_atime_ns != before.st_atime_ns else None
 
     def _opened(self, fd: int, flags: int) -> None:
+        self._files.add(fd)
         if flags & os.O_DIRECT:
             self._direct.add(fd)
 
@@ -432,6 +436,7 @@ class PassthroughBackend:
         dh = self._dirs.pop(fd, None)
         if dh is not None:
             self._release_reservations(dh)
+        self._files.discard(fd)
         self._direct.discard(fd)
         os.close(fd)
 

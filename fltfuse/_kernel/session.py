@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import pyfuse3
 import trio
 
+from .._volume import is_mounted
 from .operations import KernelAdapter
 
 log = logging.getLogger("fltfuse.kernel")
@@ -58,7 +59,10 @@ class FuseOptions:
                 setattr(out, key, float(given.pop(key) or ""))
             except ValueError as exc:
                 raise ValueError(f"mount option {key} needs a number of seconds") from exc
-        given.pop("rw", None)
+        for key in ("rw", "defaults", "auto", "noauto", "nofail", "_netdev", "user", "users", "nouser"):
+            given.pop(key, None)  # fstab's words for mount(8), not for the file system
+        for key in [k for k in given if k.startswith(("x-", "comment="))]:
+            del given[key]
         given.setdefault("fsname", fsname)
         given.setdefault("subtype", "fltfuse")
         given["default_permissions"] = None
@@ -79,34 +83,45 @@ class FuseOptions:
         return tuple(o for o in self.kernel if o in _BACKING_OPTIONS)
 
 
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
 def serve(adapter: KernelAdapter, mountpoint: str, options: FuseOptions, on_ready: Callable[[], None]) -> None:
-    """Mount ``adapter`` at ``mountpoint`` and serve until unmounted or signalled."""
-    pyfuse3.init(adapter, mountpoint, set(options.kernel))
-    unmounted = False
+    """Mount ``adapter`` at ``mountpoint`` (resolved) and serve until unmounted or signalled."""
+    early: list[int] = []  # a stop signal that arrives before the trio loop listens for it
+    previous = {sig: signal.signal(sig, lambda signum, _frame: early.append(signum)) for sig in _STOP_SIGNALS}
     try:
-        on_ready()
-        trio.run(_main_loop)
-        unmounted = True
+        pyfuse3.init(adapter, mountpoint, set(options.kernel))
+        unmounted = False
+        try:
+            on_ready()
+            trio.run(_main_loop, early)
+            unmounted = True
+        finally:
+            pyfuse3.close(unmount=not unmounted or is_mounted(mountpoint))
     finally:
-        pyfuse3.close(unmount=not unmounted or _still_mounted(mountpoint))
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
-def _still_mounted(mountpoint: str) -> bool:
-    real = os.path.realpath(mountpoint)
-    with open("/proc/self/mounts") as f:
-        return any(line.split()[1] == real for line in f)
-
-
-async def _main_loop() -> None:
+async def _main_loop(early: list[int]) -> None:
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(_stop_on_signal)
+        await nursery.start(_stop_on_signal, early)
         await pyfuse3.main(min_tasks=4, max_tasks=64)
         nursery.cancel_scope.cancel()
 
 
-async def _stop_on_signal() -> None:
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-        async for signum in signals:
-            log.info("%s received: unmounting", signal.Signals(signum).name)
-            pyfuse3.terminate()
+async def _stop_on_signal(early: list[int], *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    with trio.open_signal_receiver(*_STOP_SIGNALS) as signals:
+        task_status.started()
+        if early:
+            _stop(early[0])
             return
+        async for signum in signals:
+            _stop(signum)
+            return
+
+
+def _stop(signum: int) -> None:
+    log.info("%s received: unmounting", signal.Signals(signum).name)
+    pyfuse3.terminate()
