@@ -359,14 +359,13 @@ class QueryInformationParameters(Parameters):
 class SetAttributesParameters(Parameters):
     """SET_INFORMATION (BASIC or END_OF_FILE): chmod, chown, truncate, utimensat.
 
-    Only the fields that are not ``None`` change. A time equal to ``TIME_NOW``
-    is UTIME_NOW (the file system stamps it, and the change time, from one clock
-    reading). ``touch_change_time`` alone is a chown(f, -1, -1): only the change
-    time moves.
+    Only the fields that are not ``None`` change. A time set to "now"
+    (utimensat's UTIME_NOW) arrives as pyfuse3's reading of the clock: pyfuse3
+    does not say which it was. ``touch_change_time`` alone is a
+    chown(f, -1, -1): only the change time moves.
     """
 
     MAJOR: ClassVar[MajorFunction] = MajorFunction.SET_INFORMATION
-    TIME_NOW: ClassVar[int] = -1
     information_class: FileInformationClass
     size: int | None = None
     mode: int | None = None

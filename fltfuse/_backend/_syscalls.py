@@ -1,7 +1,7 @@
 """The Linux system calls the passthrough backend needs and the ``os`` module lacks.
 
 ``renameat2`` (RENAME_NOREPLACE, RENAME_EXCHANGE), ``utimensat`` with
-``UTIME_OMIT``/``UTIME_NOW`` (change one timestamp and keep the other),
+``UTIME_OMIT`` (change one timestamp and keep the other),
 ``getdents64`` (directory entries with ext4's own offset cookies, so listings
 resume stably), and ``name_to_handle_at``/``open_by_handle_at`` (a file handle
 names an inode and its generation, so a reused inode number is ESTALE, never
@@ -19,8 +19,6 @@ _libc = ctypes.CDLL(None, use_errno=True)
 
 _SYS_GETDENTS64 = {"x86_64": 217, "aarch64": 61, "riscv64": 61, "ppc64le": 202, "s390x": 220}[os.uname().machine]
 UTIME_OMIT = (1 << 30) - 2
-UTIME_NOW = (1 << 30) - 1
-NOW = -1  # a time argument meaning UTIME_NOW
 AT_SYMLINK_NOFOLLOW = 0x100
 AT_EMPTY_PATH = 0x1000
 _MAX_HANDLE_SZ = 128
@@ -62,13 +60,11 @@ def renameat2(old_dir_fd: int, old: bytes, new_dir_fd: int, new: bytes, flags: i
 
 
 def utimensat(path: bytes, atime_ns: int | None, mtime_ns: int | None) -> None:
-    """Set the times of ``path`` (following links); ``None`` leaves a time unchanged, ``NOW`` is UTIME_NOW."""
+    """Set the times of ``path`` (following links); ``None`` leaves a time unchanged."""
     times = (_Timespec * 2)()
     for slot, ns in ((0, atime_ns), (1, mtime_ns)):
         if ns is None:
             times[slot].tv_sec, times[slot].tv_nsec = 0, UTIME_OMIT
-        elif ns == NOW:
-            times[slot].tv_sec, times[slot].tv_nsec = 0, UTIME_NOW
         else:
             times[slot].tv_sec, times[slot].tv_nsec = divmod(ns, 1_000_000_000)
     if _utimensat(-100, path, times, 0) != 0:  # AT_FDCWD

@@ -55,7 +55,6 @@ import functools
 import logging
 import os
 import stat
-import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
@@ -128,25 +127,11 @@ def _loggable(args: tuple[Any, ...]) -> tuple[Any, ...]:
     return tuple(out)
 
 
-def _utime(ns: int) -> int:
-    """pyfuse3 turns UTIME_NOW into its own clock reading; turn such a reading back into "now".
-
-    Then ext4 stamps the time and the change time from one clock reading, as it
-    does for utimensat(UTIME_NOW). A reading is a time within 50 ms of now with
-    sub-microsecond digits, which an explicit time from a caller practically
-    never is; if it is one, the result differs from it by less than 50 ms.
-    """
-    if ns % 1000 and abs(time.time_ns() - ns) < _NOW_WINDOW_NS:
-        return SetAttributesParameters.TIME_NOW
-    return ns
-
-
 def _requestor(ctx: pyfuse3.RequestContext) -> Requestor:
     return Requestor(ctx.pid, ctx.uid, ctx.gid, ctx.umask)
 
 
-_KERNEL = Requestor(0, 0, 0, 0)
-_NOW_WINDOW_NS = 50_000_000  # for requests the kernel makes on its own (forget)
+_KERNEL = Requestor(0, 0, 0, 0)  # for requests the kernel makes on its own (forget)
 
 
 class KernelAdapter(pyfuse3.Operations):
@@ -292,9 +277,9 @@ class KernelAdapter(pyfuse3.Operations):
         if fields.update_gid:
             p.gid = attr.st_gid
         if fields.update_atime:
-            p.atime_ns = _utime(attr.st_atime_ns)
+            p.atime_ns = attr.st_atime_ns
         if fields.update_mtime:
-            p.mtime_ns = _utime(attr.st_mtime_ns)
+            p.mtime_ns = attr.st_mtime_ns
         if fields.update_ctime or not (
             fields.update_size
             or fields.update_mode

@@ -24,6 +24,7 @@ import mmap
 import os
 import stat
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -1010,15 +1011,46 @@ def test_utime_sets_nanosecond_times(pair: PairLike, atime: int, mtime: int) -> 
     run_both(pair, op, expect=(atime, mtime))
 
 
-def test_utime_now_sets_atime_mtime_and_ctime_to_the_same_instant(pair: PairLike) -> None:
+def _utime_now(root: Path) -> tuple[int, int, int]:
+    put(root / "f")
+    os.utime(root / "f", ns=(10**9, 10**9))
+    os.utime(root / "f")
+    return times(os.stat(root / "f"))
+
+
+def test_utime_now_sets_atime_and_mtime_to_the_same_later_instant(pair: PairLike) -> None:
+    def op(root: Path) -> Any:
+        a, m, _ = _utime_now(root)
+        return a == m, changed(10**9, m)
+
+    run_both(pair, op, expect=(True, "later"))
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="pyfuse3 3.5 turns UTIME_NOW into its own clock reading, an explicit time to ext4, "
+    "which then stamps ctime from a later reading (microseconds apart)",
+)
+def test_utime_now_stamps_ctime_with_the_same_instant(pair: PairLike) -> None:
+    def op(root: Path) -> Any:
+        _, m, c = _utime_now(root)
+        return m == c
+
+    run_both(pair, op, expect=True)
+
+
+def test_explicit_times_just_before_now_are_kept_exactly(pair: PairLike) -> None:
+    """What cp -a and rsync do to files they just created: copy recent times with nanoseconds."""
+
     def op(root: Path) -> Any:
         put(root / "f")
-        os.utime(root / "f", ns=(10**9, 10**9))
-        os.utime(root / "f")
-        a, m, c = times(os.stat(root / "f"))
-        return a == m, m == c, changed(10**9, m)
+        recent = time.time_ns() - 1_234_567
+        os.utime(root / "f", ns=(recent + 1, recent))
+        st = os.stat(root / "f")
+        return st.st_atime_ns - recent, st.st_mtime_ns - recent
 
-    run_both(pair, op, expect=(True, True, "later"))
+    run_both(pair, op, expect=(1, 0))
 
 
 @pytest.mark.parametrize(
