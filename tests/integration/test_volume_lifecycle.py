@@ -582,6 +582,47 @@ def test_mount_t_fuse_fltfuse(site: Site) -> None:
     site.assert_released(state, image)
 
 
+def test_an_fstab_line_mounts_with_mount_t_and_its_options(site: Site) -> None:
+    """An /etc/fstab line works as documented (here in an alternative fstab: mount -T)."""
+    image, mnt = site.image(), site.mountpoint()
+    fstab = site.root / "fstab"
+    fstab.write_text(f"{image}  {mnt}  fuse.fltfuse  defaults,nofail,noatime  0  0\n")
+    state_file = site.state_file(mnt)
+    site.run("mount", "-T", fstab, mnt)
+    state = site.note_daemon(state_file)
+    assert state is not None
+    [(source, _, fstype, options)] = site.fuse_mounts_at(mnt)
+    assert (source, fstype) == (str(image), "fuse.fltfuse")
+    assert "noatime" in options and "nofail" not in options
+    backing = [m for m in site.mount_table() if m[1] == state["backing"]]
+    assert backing and "noatime" in backing[0][3], "atime options also apply to the backing ext4"
+    (mnt / "from-fstab").write_text("fstab works")
+    site.run("umount", mnt)
+    site.assert_released(state, image)
+
+
+def test_a_block_device_source_is_mounted_and_left_attached(site: Site) -> None:
+    """A block device (here a loop device the test attached) is served; only what fltfuse attached is detached."""
+    image, mnt = site.image(), site.mountpoint()
+    device = site.run("losetup", "--find", "--show", image).stdout.strip()
+    try:
+        state = site.mount(Path(device), mnt)
+        assert (state["kind"], state["loop_device"]) == ("block", None)
+        (mnt / "on-the-device").write_bytes(b"block source")
+        site.run(FLTFUSE, "unmount", mnt)
+        site.wait_for(lambda: not site.daemon_alive(state), "the daemon to exit", timeout=DAEMON_EXIT_TIMEOUT)
+        assert site.attached(image), "fltfuse must not detach a device it did not attach"
+        assert [m for m in site.mount_table() if m[1] in (str(mnt), state["backing"])] == []
+    finally:
+        site.run("losetup", "-d", device, check=False)
+    with tempfile.TemporaryDirectory(dir=site.root) as check:
+        site.run("mount", "-o", "loop,ro", image, check)
+        try:
+            assert Path(check, "on-the-device").read_bytes() == b"block source"
+        finally:
+            site.run("umount", check)
+
+
 def test_directory_fallback(site: Site) -> None:
     source, mnt = site.root / "plain", site.mountpoint()
     (source / "sub").mkdir(parents=True)
