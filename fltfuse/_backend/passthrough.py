@@ -117,7 +117,6 @@ class PassthroughBackend:
     def __init__(self, root: str):
         fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         st = os.fstat(fd)
-        self.root = root
         self._dev = st.st_dev
         self._mount_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
@@ -183,10 +182,6 @@ class PassthroughBackend:
     def known_inodes(self) -> int:
         """How many inodes the kernel holds lookups on, the root included."""
         return len(self._table)
-
-    def pinned_inodes(self) -> int:
-        """How many of them hold a descriptor."""
-        return self._table.pinned
 
     def close(self) -> None:
         """Release every descriptor (after unmount: the kernel may not have sent every CLOSE)."""
@@ -333,12 +328,10 @@ class PassthroughBackend:
         p.attributes = self._attributes(os.fstat(self._table.fd(fo.inode)))
 
     def _rename(self, cbd: CallbackData, p: RenameParameters) -> None:
+        if not p.flags & _syscalls.RENAME_EXCHANGE:
+            self._keep_pinned(self._table.fd(p.new_parent), p.new_name)  # a replaced target may still be open
         old = self._table.fd(p.parent)
         new = self._table.fd(p.new_parent)
-        if not p.flags & _syscalls.RENAME_EXCHANGE:
-            self._keep_pinned(new, p.new_name)  # a replaced target may still be open
-            old = self._table.fd(p.parent)
-            new = self._table.fd(p.new_parent)
         if p.flags:
             _syscalls.renameat2(old, p.name, new, p.new_name, p.flags)
         else:

@@ -216,9 +216,10 @@ class KernelAdapter(pyfuse3.Operations):
         return fh
 
     def _file_info(self, fh: int) -> pyfuse3.FileInfo:
-        """No keep_cache: the kernel drops a file's cached pages at each open, so reads of a
-        newly opened file reach the backend (ext4 updates atime by its relatime rule, and
-        filters see the reads)."""
+        """The reply to an open. The kernel keeps a file's pages cached across opens
+        and drops them when it sees the size or mtime change (auto_inval_data), so reads
+        it serves from its cache reach neither the filters nor ext4 (see the backend's
+        ``_access_time``)."""
         return pyfuse3.FileInfo(fh=fh)
 
     def _attributes_changed(self, inode: int) -> None:
