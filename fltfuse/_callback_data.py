@@ -29,7 +29,7 @@ import enum
 import os
 import stat as _stat
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from ._status import NtStatus
 
@@ -289,10 +289,25 @@ class FileObject:
 
 
 class Parameters:
-    """Base of the per-request parameter classes (the ``Parameters`` union)."""
+    """Base of the per-request parameter classes (the ``Parameters`` union).
+
+    ``MAJOR`` is the major function; ``OUTPUTS`` names the fields the file
+    system fills (the filter manager carries them back up to each instance's
+    own copy of the parameters).
+    """
 
     __slots__ = ()
     MAJOR: ClassVar[MajorFunction]
+    OUTPUTS: ClassVar[tuple[str, ...]]
+
+    def copy(self) -> Parameters:
+        """A shallow copy (what an instance may change before passing the request down)."""
+        cls = type(self)
+        new = cls.__new__(cls)
+        name: str
+        for name in cls.__slots__:
+            object.__setattr__(new, name, getattr(self, name))
+        return new
 
 
 @dataclass(slots=True)
@@ -300,6 +315,7 @@ class LookupParameters(Parameters):
     """LOOKUP: resolve ``name`` in directory ``parent`` (a path walk step)."""
 
     MAJOR: ClassVar[MajorFunction] = MajorFunction.LOOKUP
+    OUTPUTS: ClassVar[tuple[str, ...]] = ("attributes",)
     parent: int
     name: bytes
     attributes: FileAttributes | None = None  # out
@@ -314,6 +330,7 @@ class CreateParameters(Parameters):
     """
 
     MAJOR: ClassVar[MajorFunction] = MajorFunction.CREATE
+    OUTPUTS: ClassVar[tuple[str, ...]] = ("attributes", "handle")
     disposition: CreateDisposition
     file_type: FileType
     flags: int  # open(2) flags (O_ACCMODE, O_APPEND, O_DIRECT ...)
@@ -332,6 +349,7 @@ class ReadParameters(Parameters):
     """READ: read ``length`` bytes at ``offset`` of the handle."""
 
     MAJOR: ClassVar[MajorFunction] = MajorFunction.READ
+    OUTPUTS: ClassVar[tuple[str, ...]] = ("data",)
     offset: int
     length: int
     data: bytes | bytearray | memoryview | None = None  # out: at most ``length`` bytes; short at EOF
@@ -342,6 +360,7 @@ class WriteParameters(Parameters):
     """WRITE: write ``data`` at ``offset``; ``io_status.information`` is the count written."""
 
     MAJOR: ClassVar[MajorFunction] = MajorFunction.WRITE
+    OUTPUTS: ClassVar[tuple[str, ...]] = ()
     offset: int
     data: bytes | bytearray | memoryview
 
@@ -351,6 +370,7 @@ class QueryInformationParameters(Parameters):
     """QUERY_INFORMATION: stat(2)/fstat(2)."""
 
     MAJOR: ClassVar[MajorFunction] = MajorFunction.QUERY_INFORMATION
+    OUTPUTS: ClassVar[tuple[str, ...]] = ("attributes",)
     information_class: FileInformationClass = FileInformationClass.ALL
     attributes: FileAttributes | None = None  # out
 
@@ -366,6 +386,7 @@ class SetAttributesParameters(Parameters):
     """
 
     MAJOR: ClassVar[MajorFunction] = MajorFunction.SET_INFORMATION
+    OUTPUTS: ClassVar[tuple[str, ...]] = ("attributes",)
     information_class: FileInformationClass
     size: int | None = None
     mode: int | None = None
@@ -385,6 +406,7 @@ class RenameParameters(Parameters):
     """
 
     MAJOR: ClassVar[MajorFunction] = MajorFunction.SET_INFORMATION
+    OUTPUTS: ClassVar[tuple[str, ...]] = ()
     parent: int
     name: bytes
     new_parent: int
@@ -398,6 +420,7 @@ class LinkParameters(Parameters):
     """SET_INFORMATION (LINK): give the target file another name ``new_parent/new_name``."""
 
     MAJOR: ClassVar[MajorFunction] = MajorFunction.SET_INFORMATION
+    OUTPUTS: ClassVar[tuple[str, ...]] = ("attributes",)
     new_parent: int
     new_name: bytes
     information_class: FileInformationClass = FileInformationClass.LINK
@@ -409,6 +432,7 @@ class DispositionParameters(Parameters):
     """SET_INFORMATION (DISPOSITION): unlink(2) (``directory`` false) or rmdir(2)."""
 
     MAJOR: ClassVar[MajorFunction] = MajorFunction.SET_INFORMATION
+    OUTPUTS: ClassVar[tuple[str, ...]] = ()
     parent: int
     name: bytes
     directory: bool
@@ -420,6 +444,7 @@ class FileSystemControlParameters(Parameters):
     """FILE_SYSTEM_CONTROL: readlink(2) is FSCTL_GET_REPARSE_POINT."""
 
     MAJOR: ClassVar[MajorFunction] = MajorFunction.FILE_SYSTEM_CONTROL
+    OUTPUTS: ClassVar[tuple[str, ...]] = ("target",)
     control_code: FsControlCode = FsControlCode.GET_REPARSE_POINT
     target: bytes | None = None  # out: the symlink's target
 
@@ -434,6 +459,7 @@ class DirectoryControlParameters(Parameters):
     """
 
     MAJOR: ClassVar[MajorFunction] = MajorFunction.DIRECTORY_CONTROL
+    OUTPUTS: ClassVar[tuple[str, ...]] = ("entries",)
     offset: int
     minor: DirectoryMinor = DirectoryMinor.QUERY_DIRECTORY
     entries: list[DirectoryEntry] = field(default_factory=list)  # out
@@ -444,6 +470,7 @@ class QueryEaParameters(Parameters):
     """QUERY_EA: getxattr(2) of ``name`` (minor GET) or listxattr(2) (minor LIST)."""
 
     MAJOR: ClassVar[MajorFunction] = MajorFunction.QUERY_EA
+    OUTPUTS: ClassVar[tuple[str, ...]] = ("value", "names")
     minor: EaMinor
     name: bytes = b""
     value: bytes | None = None  # out (GET)
@@ -455,6 +482,7 @@ class SetEaParameters(Parameters):
     """SET_EA: setxattr(2) of ``name`` to ``value`` (minor SET) or removexattr(2) (minor REMOVE)."""
 
     MAJOR: ClassVar[MajorFunction] = MajorFunction.SET_EA
+    OUTPUTS: ClassVar[tuple[str, ...]] = ()
     minor: EaMinor
     name: bytes
     value: bytes = b""
@@ -465,6 +493,7 @@ class FlushBuffersParameters(Parameters):
     """FLUSH_BUFFERS: fsync(2)/fdatasync(2) of a file or directory handle."""
 
     MAJOR: ClassVar[MajorFunction] = MajorFunction.FLUSH_BUFFERS
+    OUTPUTS: ClassVar[tuple[str, ...]] = ()
     datasync: bool
     directory: bool = False
 
@@ -474,6 +503,7 @@ class CleanupParameters(Parameters):
     """CLEANUP: a close(2) of a descriptor of the handle (FUSE FLUSH). Cannot fail."""
 
     MAJOR: ClassVar[MajorFunction] = MajorFunction.CLEANUP
+    OUTPUTS: ClassVar[tuple[str, ...]] = ()
 
 
 @dataclass(slots=True)
@@ -481,6 +511,7 @@ class CloseParameters(Parameters):
     """CLOSE: the handle is gone (FUSE RELEASE / RELEASEDIR). Cannot fail."""
 
     MAJOR: ClassVar[MajorFunction] = MajorFunction.CLOSE
+    OUTPUTS: ClassVar[tuple[str, ...]] = ()
     directory: bool = False
 
 
@@ -489,6 +520,7 @@ class QueryVolumeInformationParameters(Parameters):
     """QUERY_VOLUME_INFORMATION: statfs(2)."""
 
     MAJOR: ClassVar[MajorFunction] = MajorFunction.QUERY_VOLUME_INFORMATION
+    OUTPUTS: ClassVar[tuple[str, ...]] = ("statistics",)
     statistics: VolumeStatistics | None = None  # out
 
 
@@ -500,6 +532,7 @@ class AccessParameters(Parameters):
     """
 
     MAJOR: ClassVar[MajorFunction] = MajorFunction.ACCESS
+    OUTPUTS: ClassVar[tuple[str, ...]] = ()
     mode: int
 
 
@@ -542,7 +575,7 @@ class CallbackData:
     changes need no flag.
     """
 
-    __slots__ = ("flags", "io_status", "iopb", "requestor")
+    __slots__ = ("flags", "io_status", "iopb", "pended", "requestor")
 
     def __init__(
         self,
@@ -555,6 +588,7 @@ class CallbackData:
         self.io_status = IoStatus()
         self.requestor = requestor
         self.flags = flags
+        self.pended: Any = None  # the filter manager's record of a pended pre- or post-operation
 
     def set_dirty(self) -> None:
         """FltSetCallbackDataDirty: the parameters were changed by this filter."""

@@ -12,6 +12,26 @@ one volume.
 
 from __future__ import annotations
 
-from .instance_stack import Backend, InstanceStack
+from .instance_stack import (
+    Backend,
+    Filter,
+    Instance,
+    InstanceStack,
+    RelatedObjects,
+    StackError,
+    VerifierError,
+    complete_pended_postoperation,
+    complete_pended_preoperation,
+)
 
-__all__ = ["Backend", "InstanceStack"]
+__all__ = [
+    "Backend",
+    "Filter",
+    "Instance",
+    "InstanceStack",
+    "RelatedObjects",
+    "StackError",
+    "VerifierError",
+    "complete_pended_postoperation",
+    "complete_pended_preoperation",
+]

@@ -33,11 +33,13 @@ class Driver:
         self.backend = PassthroughBackend(str(root))
         self.stack = InstanceStack(self.backend)
         self.me = Requestor(os.getpid(), os.geteuid(), os.getegid(), 0o022)
+        self.sent: list[CallbackData] = []
 
     async def send(
         self, params: Parameters, inode: int = ROOT_INODE, handle: int | None = None, **kw: Any
     ) -> CallbackData:
         cbd = CallbackData(FileObject(inode, handle), params, kw.get("requestor", self.me))
+        self.sent.append(cbd)
         await self.stack.dispatch(cbd)
         return cbd
 

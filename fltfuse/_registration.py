@@ -1,0 +1,210 @@
+"""Filter registration: what a minifilter declares, checked once when it is loaded.
+
+Where it sits: before any instance attaches. A filter module exposes one
+:class:`FilterRegistration` (data, not code): its operations table, its
+contexts table and its filter and instance callbacks. :func:`validate` checks
+it and returns the compiled form the instance stack dispatches from, or raises
+:class:`RegistrationError` naming the filter, the entry and the problem.
+
+Windows counterpart: ``FLT_REGISTRATION`` with its ``FLT_OPERATION_REGISTRATION``
+array, as handed to ``FltRegisterFilter``; ``FLT_PREOP_CALLBACK_STATUS`` and
+``FLT_POSTOP_CALLBACK_STATUS``.
+
+Callback contracts (each may be a plain function or a coroutine function):
+
+* pre-operation ``pre(cbd, objects)`` returns a :class:`PreopCallbackStatus`,
+  or ``(status, completion_context)`` to hand a value to its post.
+  SUCCESS_WITH_CALLBACK and SYNCHRONIZE need a post callback. COMPLETE means
+  the filter set ``cbd.io_status``: nothing below sees the request.
+* post-operation ``post(cbd, objects, completion_context, flags)`` returns a
+  :class:`PostopCallbackStatus`. ``flags`` has ``PostopFlags.DRAINING`` when
+  the instance is detaching and the post may only free its context.
+"""
+
+from __future__ import annotations
+
+import enum
+import inspect
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from ._callback_data import CallbackData, MajorFunction
+
+
+class PreopCallbackStatus(enum.Enum):
+    """FLT_PREOP_CALLBACK_STATUS: what a pre-operation callback decided."""
+
+    SUCCESS_WITH_CALLBACK = 0
+    SUCCESS_NO_CALLBACK = 1
+    PENDING = 2
+    DISALLOW_FASTIO = 3
+    COMPLETE = 4
+    SYNCHRONIZE = 5
+    DISALLOW_FSFILTER_IO = 6
+
+
+class PostopCallbackStatus(enum.Enum):
+    """FLT_POSTOP_CALLBACK_STATUS: what a post-operation callback decided."""
+
+    FINISHED_PROCESSING = 0
+    MORE_PROCESSING_REQUIRED = 1
+    DISALLOW_FSFILTER_IO = 2
+
+
+class PostopFlags(enum.IntFlag):
+    """FLTFL_POST_OPERATION_*."""
+
+    NONE = 0
+    DRAINING = 0x1
+
+
+class OperationFlags(enum.IntFlag):
+    """FLTFL_OPERATION_REGISTRATION_*: I/O a filter does not want to see.
+
+    On Linux: paging I/O is page-cache writeback and mmap (the kernel's
+    FUSE_WRITE_CACHE writes); cached I/O is buffered read(2)/write(2); non-cached
+    non-paging I/O is O_DIRECT.
+    """
+
+    NONE = 0
+    SKIP_PAGING_IO = 0x1
+    SKIP_CACHED_IO = 0x2
+    SKIP_NON_DASD_IO = 0x4
+    SKIP_NON_CACHED_NON_PAGING_IO = 0x8
+
+
+class RegistrationFlags(enum.IntFlag):
+    """FLTFL_REGISTRATION_*."""
+
+    NONE = 0
+    DO_NOT_SUPPORT_SERVICE_STOP = 0x1
+    SUPPORT_NPFS_MSFS = 0x2  # accepted and ignored: no named pipes or mailslots on Linux
+    SUPPORT_DAX_VOLUME = 0x4  # accepted and ignored
+
+
+PreopResult = PreopCallbackStatus | tuple[PreopCallbackStatus, Any]
+PreCallback = Callable[[CallbackData, Any], PreopResult | Awaitable[PreopResult]]
+PostCallback = Callable[[CallbackData, Any, Any, PostopFlags], PostopCallbackStatus | Awaitable[PostopCallbackStatus]]
+
+# Majors no filter may register for, and those that cannot have a post (fltKernel.h).
+_NOT_REGISTRABLE = frozenset({MajorFunction.POWER, MajorFunction.DEVICE_CHANGE, MajorFunction.FORGET})
+_NO_POST = frozenset({MajorFunction.SHUTDOWN})
+_ALL_OPERATION_FLAGS = 0xF
+
+
+@dataclass(frozen=True)
+class OperationRegistration:
+    """One entry of the operations table: a major function and its callbacks."""
+
+    major: MajorFunction
+    pre: PreCallback | None = None
+    post: PostCallback | None = None
+    flags: OperationFlags = OperationFlags.NONE
+
+
+@dataclass(frozen=True)
+class FilterRegistration:
+    """FLT_REGISTRATION: everything a filter declares, as data."""
+
+    operations: tuple[OperationRegistration, ...] = ()
+    contexts: tuple[Any, ...] = ()
+    flags: RegistrationFlags = RegistrationFlags.NONE
+    filter_unload: Callable[..., Any] | None = None
+    instance_setup: Callable[..., Any] | None = None
+    instance_query_teardown: Callable[..., Any] | None = None
+    instance_teardown_start: Callable[..., Any] | None = None
+    instance_teardown_complete: Callable[..., Any] | None = None
+
+
+class RegistrationError(Exception):
+    """A registration that cannot be loaded; the message names filter, entry and problem."""
+
+    def __init__(self, filter_name: str, entry: str, problem: str):
+        super().__init__(f"filter {filter_name!r}: {entry}: {problem}")
+        self.filter_name = filter_name
+        self.entry = entry
+        self.problem = problem
+
+
+@dataclass(frozen=True)
+class Operation:
+    """A validated operations-table entry, with whether each callback must be awaited."""
+
+    major: MajorFunction
+    pre: PreCallback | None
+    post: PostCallback | None
+    flags: OperationFlags
+    pre_is_async: bool
+    post_is_async: bool
+
+
+# The instance callbacks and how many positional arguments each takes.
+_INSTANCE_CALLBACKS = {
+    "filter_unload": 1,  # (flags)
+    "instance_setup": 4,  # (objects, flags, volume_device_type, volume_filesystem_type)
+    "instance_query_teardown": 2,  # (objects, flags)
+    "instance_teardown_start": 2,  # (objects, reason)
+    "instance_teardown_complete": 2,  # (objects, reason)
+}
+
+
+def validate(filter_name: str, registration: object) -> dict[MajorFunction, Operation]:
+    """Check a registration and return its operations by major function."""
+    if not isinstance(registration, FilterRegistration):
+        raise RegistrationError(
+            filter_name, "REGISTRATION", f"is a {type(registration).__name__}, not a FilterRegistration"
+        )
+    if not isinstance(registration.flags, int):
+        raise RegistrationError(filter_name, "flags", f"{registration.flags!r} is not a RegistrationFlags value")
+    for name, arity in _INSTANCE_CALLBACKS.items():
+        callback = getattr(registration, name)
+        if callback is not None:
+            _check_signature(filter_name, name, callback, arity)
+    operations: dict[MajorFunction, Operation] = {}
+    for index, op in enumerate(registration.operations):
+        entry = f"operations[{index}]"
+        if not isinstance(op, OperationRegistration):
+            raise RegistrationError(filter_name, entry, f"is a {type(op).__name__}, not an OperationRegistration")
+        if not isinstance(op.major, MajorFunction):
+            raise RegistrationError(filter_name, entry, f"unknown major function {op.major!r}")
+        entry = f"operations[{index}] ({op.major.name})"
+        if op.major in _NOT_REGISTRABLE:
+            raise RegistrationError(filter_name, entry, "this major function cannot be registered")
+        if op.major in operations:
+            raise RegistrationError(filter_name, entry, "registered twice")
+        if op.pre is None and op.post is None:
+            raise RegistrationError(filter_name, entry, "neither a pre nor a post callback")
+        if op.post is not None and op.major in _NO_POST:
+            raise RegistrationError(filter_name, entry, "a post callback is not allowed for this major function")
+        if op.pre is not None:
+            _check_signature(filter_name, f"{entry} pre", op.pre, 2)
+        if op.post is not None:
+            _check_signature(filter_name, f"{entry} post", op.post, 4)
+        if not isinstance(op.flags, int) or op.flags & ~_ALL_OPERATION_FLAGS:
+            raise RegistrationError(filter_name, entry, f"unknown flags {op.flags!r}")
+        flags = OperationFlags(op.flags)
+        operations[op.major] = Operation(
+            op.major,
+            op.pre,
+            op.post,
+            flags,
+            inspect.iscoroutinefunction(op.pre),
+            inspect.iscoroutinefunction(op.post),
+        )
+    return operations
+
+
+def _check_signature(filter_name: str, entry: str, callback: object, arity: int) -> None:
+    if not callable(callback):
+        raise RegistrationError(filter_name, entry, f"{callback!r} is not callable")
+    try:
+        signature = inspect.signature(callback)
+    except (TypeError, ValueError):
+        return  # a builtin without introspectable signature: trust it
+    try:
+        signature.bind(*range(arity))
+    except TypeError:
+        name = getattr(callback, "__qualname__", repr(callback))
+        parameters = ", ".join(signature.parameters)
+        raise RegistrationError(filter_name, entry, f"{name}({parameters}) does not take {arity} arguments") from None
