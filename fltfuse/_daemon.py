@@ -11,11 +11,11 @@ from __future__ import annotations
 import logging
 import os
 import resource
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from ._backend.passthrough import PassthroughBackend
 from ._kernel import FuseOptions, KernelAdapter, serve
-from ._stack import InstanceStack
+from ._stack import Instance, InstanceStack
 from ._volume import Volume
 
 log = logging.getLogger("fltfuse.daemon")
@@ -39,9 +39,15 @@ def _raise_descriptor_limit() -> None:
 
 
 def run(
-    source: str, mountpoint: str, options: FuseOptions, *, log_path: str | None, on_ready: Callable[[], None]
+    source: str,
+    mountpoint: str,
+    options: FuseOptions,
+    *,
+    log_path: str | None,
+    on_ready: Callable[[], None],
+    instances: Sequence[Instance] = (),
 ) -> None:
-    """Serve ``source`` at ``mountpoint`` until unmounted; clean up everything on the way out."""
+    """Serve ``source`` at ``mountpoint`` with ``instances`` attached until unmounted; then clean up."""
     volume = Volume(
         source, mountpoint, read_only=options.read_only, backing_options=options.backing
     )  # resolves relative paths: before chdir
@@ -53,6 +59,9 @@ def run(
         backend = PassthroughBackend(backing)
         try:
             stack = InstanceStack(backend)
+            for instance in instances:
+                stack.attach(instance)
+                log.info("attached %s/%s at altitude %s", instance.filter.name, instance.name, instance.altitude)
             adapter = KernelAdapter(
                 stack, backend, attr_timeout=options.attr_timeout, entry_timeout=options.entry_timeout
             )

@@ -1,7 +1,7 @@
 """The ``fltfuse`` command: create volumes, mount them, unmount them.
 
     fltfuse volume create IMAGE --size SIZE
-    fltfuse mount SOURCE MOUNTPOINT [-o OPTIONS] [-f]
+    fltfuse mount SOURCE MOUNTPOINT [-o OPTIONS] [-f] [--filter NAME ...] [--param NAME.KEY=VALUE ...]
     fltfuse unmount MOUNTPOINT [-l]
     fltfuse SOURCE MOUNTPOINT -o OPTIONS        (the form mount.fuse3 uses for -t fuse.fltfuse)
 
@@ -53,6 +53,20 @@ def _parser() -> argparse.ArgumentParser:
     mount.add_argument("-o", dest="options", action="append", default=[], help="mount options, comma-separated")
     mount.add_argument("-f", "--foreground", action="store_true", help="serve in the foreground, log to stderr")
     mount.add_argument("-d", "--debug", action="store_true", help="log every request")
+    mount.add_argument(
+        "--filter", dest="filters", action="append", default=[], metavar="NAME", help="attach this filter (repeatable)"
+    )
+    mount.add_argument(
+        "--filter-path", action="append", default=[], metavar="DIR", help="also look for filter INFs here (repeatable)"
+    )
+    mount.add_argument(
+        "--param",
+        dest="params",
+        action="append",
+        default=[],
+        metavar="NAME.KEY=VALUE",
+        help="override a filter parameter",
+    )
     mount.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     mount.add_argument("--log-file", help=argparse.SUPPRESS)
 
@@ -91,7 +105,7 @@ def _mount(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace, options: FuseOptions) -> int:
-    from . import _daemon  # imports pyfuse3: only the daemon needs it
+    from . import _daemon, _loader  # imports pyfuse3 and the filters: only the daemon needs them
 
     _configure_logging(args.debug)
     ready_fd = args.ready_fd
@@ -104,13 +118,28 @@ def _serve(args: argparse.Namespace, options: FuseOptions) -> int:
             ready_fd = None
 
     try:
-        _daemon.run(args.source, args.mountpoint, options, log_path=args.log_file, on_ready=on_ready)
+        instances = _loader.load(args.filters, args.filter_path, _parse_params(args.params))
+        _daemon.run(
+            args.source, args.mountpoint, options, log_path=args.log_file, on_ready=on_ready, instances=instances
+        )
     except Exception as exc:
         log.error("%s", exc, exc_info=not isinstance(exc, _volume.VolumeError))
         if ready_fd is not None:
             os.write(ready_fd, f"error: {exc}\n".encode())
         return 1
     return 0
+
+
+def _parse_params(specs: list[str]) -> dict[str, dict[str, str]]:
+    """``NAME.KEY=VALUE`` items -> {filter name (lower case): {KEY: VALUE}}."""
+    out: dict[str, dict[str, str]] = {}
+    for spec in specs:
+        target, eq, value = spec.partition("=")
+        name, dot, key = target.partition(".")
+        if not (eq and dot and name and key):
+            raise ValueError(f"--param {spec!r}: expected NAME.KEY=VALUE")
+        out.setdefault(name.lower(), {})[key] = value
+    return out
 
 
 def _spawn(args: argparse.Namespace) -> int:
@@ -123,7 +152,12 @@ def _spawn(args: argparse.Namespace) -> int:
     _volume.make_private_dir(log_path.parent)
     read_end, write_end = os.pipe()
     argv = [sys.executable, "-m", "fltfuse", "mount", "-f", "--ready-fd", str(write_end), "--log-file", str(log_path)]
-    argv += [*(f"-o{o}" for o in args.options), *(["-d"] if args.debug else []), args.source, mountpoint]
+    argv += [*(f"-o{o}" for o in args.options), *(["-d"] if args.debug else [])]
+    argv += [
+        *(f"--filter={f}" for f in args.filters),
+        *(f"--filter-path={os.path.abspath(d)}" for d in args.filter_path),
+    ]
+    argv += [*(f"--param={p}" for p in args.params), args.source, mountpoint]
     with os.fdopen(os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600), "ab") as log_file:
         proc = subprocess.Popen(
             argv,

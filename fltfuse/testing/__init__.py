@@ -75,9 +75,18 @@ def _fltfuse(*args: str) -> subprocess.CompletedProcess[str]:
     return done
 
 
-def mount(source: str, mountpoint: str, *options: str) -> MountedVolume:
-    """Mount ``source`` at ``mountpoint`` in the background and describe the live mount."""
-    _fltfuse("mount", *(f"-o{o}" for o in options), source, mountpoint)
+def mount(
+    source: str, mountpoint: str, *options: str, filters: tuple[str, ...] = (), filter_path: tuple[str, ...] = ()
+) -> MountedVolume:
+    """Mount ``source`` at ``mountpoint`` with ``filters`` attached, in the background; describe the live mount."""
+    _fltfuse(
+        "mount",
+        *(f"-o{o}" for o in options),
+        *(f"--filter={f}" for f in filters),
+        *(f"--filter-path={d}" for d in filter_path),
+        source,
+        mountpoint,
+    )
     state = _volume.VolumeState.load(mountpoint)
     if state is None:
         raise RuntimeError(f"fltfuse mounted {mountpoint} but left no state file")
@@ -86,15 +95,21 @@ def mount(source: str, mountpoint: str, *options: str) -> MountedVolume:
 
 @contextlib.contextmanager
 def mounted_volume(
-    directory: str | os.PathLike[str], *, size: str = "2G", inodes: int | None = None, options: tuple[str, ...] = ()
+    directory: str | os.PathLike[str],
+    *,
+    size: str = "2G",
+    inodes: int | None = None,
+    options: tuple[str, ...] = (),
+    filters: tuple[str, ...] = (),
+    filter_path: tuple[str, ...] = (),
 ) -> Iterator[MountedVolume]:
-    """A fresh ext4 image in ``directory``, mounted at ``directory/mnt`` for the ``with`` body."""
+    """A fresh ext4 image in ``directory``, mounted at ``directory/mnt`` (with ``filters``) for the ``with`` body."""
     directory = Path(directory)
     image = str(directory / "volume.img")
     mountpoint = directory / "mnt"
     mountpoint.mkdir(parents=True, exist_ok=True)
     _volume.create_image(image, _volume.parse_size(size), force=True, inodes=inodes)
-    vol = mount(image, str(mountpoint), *options)
+    vol = mount(image, str(mountpoint), *options, filters=filters, filter_path=filter_path)
     try:
         yield vol
     finally:

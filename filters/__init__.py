@@ -1,0 +1,1 @@
+"""The project's own minifilters, one package each (see README.md here)."""

@@ -1,0 +1,45 @@
+"""passthrough: a pre and a post for every major function FUSE produces, counting calls.
+
+Design and operation: as Windows' passThrough sample, every callback returns
+at once (the pre asks for its post; the post finishes), so the difference
+between a volume with and without it is the cost of one filter in the request
+path: the benchmark's per-filter overhead reference. ``COUNTS`` holds how many
+pre and post callbacks ran per major function (one counter for all instances).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+from fltfuse import (
+    FUSE_PRODUCES,
+    CallbackData,
+    FilterRegistration,
+    MajorFunction,
+    OperationRegistration,
+    PostopCallbackStatus,
+    PostopFlags,
+    PreopCallbackStatus,
+)
+
+COUNTS: Counter[tuple[MajorFunction, str]] = Counter()
+
+
+def pre(cbd: CallbackData, objects: Any) -> PreopCallbackStatus:
+    COUNTS[cbd.iopb.major_function, "pre"] += 1
+    return PreopCallbackStatus.SUCCESS_WITH_CALLBACK
+
+
+def post(cbd: CallbackData, objects: Any, context: Any, flags: PostopFlags) -> PostopCallbackStatus:
+    COUNTS[cbd.iopb.major_function, "post"] += 1
+    return PostopCallbackStatus.FINISHED_PROCESSING
+
+
+REGISTRATION = FilterRegistration(
+    operations=tuple(
+        OperationRegistration(major, pre, post)
+        for major in sorted(FUSE_PRODUCES)
+        if major is not MajorFunction.FORGET  # FORGET is no request a filter can see
+    )
+)
