@@ -75,6 +75,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
 # bench bind-mounts {src} at {mnt} before starting it. Adding a target is one line.
 FUSE_TARGETS: dict[str, str] = {
     "fltfuse": "{venv}/bin/fltfuse mount -f {src} {mnt}",
+    "fltfuse-1f": "{venv}/bin/fltfuse mount -f --filter passthrough {src} {mnt}",
     "pyfuse3": "{venv}/bin/python {passthroughfs} {src} {mnt}",
     "loggedfs": "loggedfs -f -p {mnt}",
 }
