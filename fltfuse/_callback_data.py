@@ -28,6 +28,7 @@ from __future__ import annotations
 import enum
 import os
 import stat as _stat
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -185,6 +186,9 @@ class CallbackDataFlags(enum.IntFlag):
     DIRTY = 0x80000000
 
 
+_DIRTY = int(CallbackDataFlags.DIRTY)
+
+
 @dataclass(slots=True)
 class FileAttributes:
     """What stat(2) says of a file; the reply to LOOKUP, QUERY_INFORMATION and CREATE.
@@ -302,12 +306,24 @@ class Parameters:
 
     def copy(self) -> Parameters:
         """A shallow copy (what an instance may change before passing the request down)."""
-        cls = type(self)
-        new = cls.__new__(cls)
-        name: str
-        for name in cls.__slots__:
-            object.__setattr__(new, name, getattr(self, name))
-        return new
+        copier = _COPIERS.get(type(self))
+        if copier is None:
+            copier = _COPIERS[type(self)] = _make_copier(type(self))
+        return copier(self)
+
+
+_COPIERS: dict[type[Parameters], Callable[[Parameters], Parameters]] = {}
+
+
+def _make_copier(cls: type[Parameters]) -> Callable[[Parameters], Parameters]:
+    """A function that copies one parameters class field by field (the walk copies once per pre)."""
+    slots: tuple[str, ...] = cls.__slots__
+    lines = [f"    new.{name} = old.{name}" for name in slots]
+    source = "def copy(old):\n    new = new_object(cls)\n" + "\n".join(lines) + "\n    return new\n"
+    namespace: dict[str, Any] = {"new_object": object.__new__, "cls": cls}
+    exec(source, namespace)
+    copier: Callable[[Parameters], Parameters] = namespace["copy"]
+    return copier
 
 
 @dataclass(slots=True)
@@ -582,26 +598,26 @@ class CallbackData:
         target_file_object: FileObject,
         parameters: Parameters,
         requestor: Requestor,
-        flags: CallbackDataFlags = CallbackDataFlags.IRP_OPERATION,
+        flags: int = CallbackDataFlags.IRP_OPERATION,
     ):
         self.iopb = IoParameterBlock(target_file_object, parameters)
         self.io_status = IoStatus()
         self.requestor = requestor
-        self.flags = flags
+        self.flags = int(flags)  # CallbackDataFlags bits, kept as a plain int (IntFlag arithmetic is slow)
         self.pended: Any = None  # the filter manager's record of a pended pre- or post-operation
 
     def set_dirty(self) -> None:
         """FltSetCallbackDataDirty: the parameters were changed by this filter."""
-        self.flags |= CallbackDataFlags.DIRTY
+        self.flags |= _DIRTY
 
     def clear_dirty(self) -> None:
         """FltClearCallbackDataDirty."""
-        self.flags &= ~CallbackDataFlags.DIRTY
+        self.flags &= ~_DIRTY
 
     @property
     def is_dirty(self) -> bool:
         """FltIsCallbackDataDirty."""
-        return bool(self.flags & CallbackDataFlags.DIRTY)
+        return bool(self.flags & _DIRTY)
 
     def __repr__(self) -> str:
         return (

@@ -64,7 +64,8 @@ class OperationFlags(enum.IntFlag):
 
     On Linux: paging I/O is page-cache writeback and mmap (the kernel's
     FUSE_WRITE_CACHE writes); cached I/O is buffered read(2)/write(2); non-cached
-    non-paging I/O is O_DIRECT.
+    non-paging I/O is O_DIRECT. (The SKIP_* flags are accepted; which requests
+    they skip is decided when the I/O kind is known to the callback data.)
     """
 
     NONE = 0
@@ -72,6 +73,11 @@ class OperationFlags(enum.IntFlag):
     SKIP_CACHED_IO = 0x2
     SKIP_NON_DASD_IO = 0x4
     SKIP_NON_CACHED_NON_PAGING_IO = 0x8
+    # fltfuse's own: a filter sits below the kernel's caches, so by default it
+    # does not see what they answer (a stat the attribute cache answers sends no
+    # request). With this flag on LOOKUP or QUERY_INFORMATION the kernel may not
+    # cache names or attributes while the instance is attached: it sees every one.
+    BYPASS_KERNEL_CACHE = 0x100
 
 
 class RegistrationFlags(enum.IntFlag):
@@ -90,7 +96,7 @@ PostCallback = Callable[[CallbackData, Any, Any, PostopFlags], PostopCallbackSta
 # Majors no filter may register for, and those that cannot have a post (fltKernel.h).
 _NOT_REGISTRABLE = frozenset({MajorFunction.POWER, MajorFunction.DEVICE_CHANGE, MajorFunction.FORGET})
 _NO_POST = frozenset({MajorFunction.SHUTDOWN})
-_ALL_OPERATION_FLAGS = 0xF
+_ALL_OPERATION_FLAGS = 0x10F
 
 
 @dataclass(frozen=True)

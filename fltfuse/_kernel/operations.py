@@ -138,8 +138,9 @@ class KernelAdapter(pyfuse3.Operations):
     """pyfuse3 Operations that turn each request into a CallbackData for ``stack``.
 
     ``attr_timeout`` and ``entry_timeout`` are how long the kernel may cache
-    attributes and names; the adapter uses 0 for a kind of request an attached
-    instance registered for, so the instance sees every one.
+    attributes and names; the adapter uses 0 while an attached instance
+    registered LOOKUP or QUERY_INFORMATION with ``BYPASS_KERNEL_CACHE``, so it
+    sees every one.
     """
 
     supports_dot_lookup = True
@@ -164,9 +165,9 @@ class KernelAdapter(pyfuse3.Operations):
 
     def refresh_cache_policy(self) -> None:
         """Recompute what the kernel may cache from what the attached instances see."""
-        sees = self._stack.sees
-        self._attr_timeout = 0.0 if sees(MajorFunction.QUERY_INFORMATION) else self._attr_timeout_max
-        self._entry_timeout = 0.0 if sees(MajorFunction.LOOKUP) else self._entry_timeout_max
+        bypass = self._stack.bypasses_kernel_cache
+        self._attr_timeout = 0.0 if bypass(MajorFunction.QUERY_INFORMATION) else self._attr_timeout_max
+        self._entry_timeout = 0.0 if bypass(MajorFunction.LOOKUP) else self._entry_timeout_max
 
     # -- plumbing -------------------------------------------------------------
 

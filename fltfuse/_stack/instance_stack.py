@@ -37,7 +37,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
 from types import MappingProxyType
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import trio
 
@@ -45,6 +45,7 @@ from .._callback_data import CallbackData, CallbackDataFlags, FileObject, MajorF
 from .._registration import (
     FilterRegistration,
     Operation,
+    OperationFlags,
     PostopCallbackStatus,
     PostopFlags,
     PreopCallbackStatus,
@@ -55,10 +56,15 @@ from .._status import NtStatus
 log = logging.getLogger("fltfuse.stack")
 
 _CANNOT_FAIL = frozenset({MajorFunction.CLEANUP, MajorFunction.CLOSE})
-_WANTS_POST = frozenset({PreopCallbackStatus.SUCCESS_WITH_CALLBACK, PreopCallbackStatus.SYNCHRONIZE})
-_FINAL_PREOP = frozenset(
-    {PreopCallbackStatus.SUCCESS_WITH_CALLBACK, PreopCallbackStatus.SUCCESS_NO_CALLBACK, PreopCallbackStatus.COMPLETE}
-)
+_PENDING = PreopCallbackStatus.PENDING
+_WITH_CALLBACK = PreopCallbackStatus.SUCCESS_WITH_CALLBACK
+_SYNCHRONIZE = PreopCallbackStatus.SYNCHRONIZE
+_FINISHED = PostopCallbackStatus.FINISHED_PROCESSING
+_NO_FLAGS = PostopFlags.NONE
+_COMPLETE = PreopCallbackStatus.COMPLETE
+_NO_CALLBACK = PreopCallbackStatus.SUCCESS_NO_CALLBACK
+_DIRTY = int(CallbackDataFlags.DIRTY)
+_POST_OPERATION = int(CallbackDataFlags.POST_OPERATION)
 
 
 class Backend(Protocol):
@@ -109,8 +115,7 @@ class Instance:
         return f"Instance({self.filter.name!r}, {self.name!r}, {self.altitude})"
 
 
-@dataclass(frozen=True)
-class RelatedObjects:
+class RelatedObjects(NamedTuple):
     """FLT_RELATED_OBJECTS: what every callback is handed."""
 
     filter: Filter
@@ -128,16 +133,6 @@ class _Pended:
     status: Any = None
     context: Any = None
     waiting: str = ""
-
-
-@dataclass
-class _Frame:
-    """An instance whose post runs for this request, with the parameters it saw."""
-
-    instance: Instance
-    operation: Operation
-    context: Any
-    params: Parameters
 
 
 @dataclass
@@ -185,13 +180,13 @@ class InstanceStack:
                 chains.setdefault(major, []).append((instance, op))
         self._chains = {major: tuple(chain) for major, chain in chains.items()}
 
-    def sees(self, major: MajorFunction) -> bool:
-        """Whether any attached instance registered for ``major``.
+    def bypasses_kernel_cache(self, major: MajorFunction) -> bool:
+        """Whether an attached instance registered ``major`` with ``BYPASS_KERNEL_CACHE``.
 
-        The kernel adapter lets the kernel cache what no instance needs to see
-        (attributes, directory entries).
+        The kernel adapter lets the kernel cache names and attributes unless an
+        instance asked to see every LOOKUP or QUERY_INFORMATION.
         """
-        return major in self._chains
+        return any(op.flags & OperationFlags.BYPASS_KERNEL_CACHE for _, op in self._chains.get(major, ()))
 
     # -- the walk -------------------------------------------------------------------
 
@@ -205,22 +200,36 @@ class InstanceStack:
     async def _walk(self, cbd: CallbackData, chain: Iterable[tuple[Instance, Operation]]) -> None:
         original = cbd.iopb.parameters
         major = original.MAJOR
-        frames: list[_Frame] = []
+        file_object = cbd.iopb.target_file_object
+        frames: list[tuple[Instance, Operation, Any, Parameters, RelatedObjects]] = []  # posts to run, top first
         completed = False
         for instance, op in chain:
             params = cbd.iopb.parameters
+            objects = RelatedObjects(instance.filter, instance, instance.volume, file_object)
             if op.pre is None:
-                frames.append(_Frame(instance, op, None, params))
+                frames.append((instance, op, None, params, objects))
                 continue
-            down = params.copy()
-            cbd.iopb.parameters = down
-            cbd.flags &= ~CallbackDataFlags.DIRTY
-            status, context = await self._pre(instance, op, cbd)
-            if type(cbd.iopb.parameters).MAJOR is not major:
+            cbd.iopb.parameters = params.copy()  # what this instance may change
+            cbd.flags &= ~_DIRTY
+            try:
+                result = await op.pre(cbd, objects) if op.pre_is_async else op.pre(cbd, objects)  # type: ignore[misc]
+            except Exception as exc:
+                result = self._failed(instance, cbd, f"pre-operation callback raised {exc!r}", exc)
+            if result.__class__ is tuple:
+                status, context = result
+            else:
+                status, context = result, None
+            if status is _PENDING:
+                status, context = await self._park(cbd, "pre-operation")
+            if not (
+                status is _WITH_CALLBACK or status is _NO_CALLBACK or status is _COMPLETE or status is _SYNCHRONIZE
+            ):
+                status, context = self._failed(instance, cbd, f"pre-operation callback returned {status!r}", None)
+            if cbd.iopb.parameters.MAJOR is not major:
                 self._bug(instance, cbd, "changed the major function of a request")
-                cbd.iopb.parameters = down = params.copy()
-                status = PreopCallbackStatus.SUCCESS_NO_CALLBACK
-            if status is PreopCallbackStatus.COMPLETE:
+                cbd.iopb.parameters = params.copy()
+                status = _NO_CALLBACK
+            if status is _COMPLETE:
                 if cbd.io_status.status == NtStatus.PENDING:
                     self._bug(instance, cbd, "completed a request with STATUS_PENDING")
                     cbd.io_status.status = NtStatus.FLT_INTERNAL_ERROR
@@ -229,37 +238,38 @@ class InstanceStack:
                     cbd.io_status.status = NtStatus.SUCCESS
                 completed = True  # its outputs (in the copy it filled) go up as the file system's would
                 break
-            if not cbd.is_dirty:
+            if not cbd.flags & _DIRTY:
                 cbd.iopb.parameters = params  # changes without set_dirty() do not go down
-            if status in _WANTS_POST:
+            if status is not _NO_CALLBACK:  # SUCCESS_WITH_CALLBACK or SYNCHRONIZE
                 if op.post is None:
                     self._bug(instance, cbd, f"returned {status.name} without a post-operation callback")
                 else:
-                    frames.append(_Frame(instance, op, context, params))
-        cbd.flags &= ~CallbackDataFlags.DIRTY
+                    frames.append((instance, op, context, params, objects))
+        cbd.flags &= ~_DIRTY
         if not completed:
             await self.backend.dispatch(cbd)
         lower = cbd.iopb.parameters
-        for frame in reversed(frames):
-            _carry_outputs(lower, frame.params)
-            cbd.iopb.parameters = lower = frame.params
-            await self._post(frame, cbd)
-        _carry_outputs(lower, original)
-        cbd.iopb.parameters = original
-
-    async def _pre(self, instance: Instance, op: Operation, cbd: CallbackData) -> tuple[PreopCallbackStatus, Any]:
-        assert op.pre is not None
-        objects = RelatedObjects(instance.filter, instance, instance.volume, cbd.iopb.target_file_object)
-        try:
-            result = await op.pre(cbd, objects) if op.pre_is_async else op.pre(cbd, objects)  # type: ignore[misc]
-        except Exception as exc:
-            return self._failed(instance, cbd, f"pre-operation callback raised {exc!r}", exc)
-        status, context = result if isinstance(result, tuple) and len(result) == 2 else (result, None)
-        if status is PreopCallbackStatus.PENDING:
-            status, context = await self._park(cbd, "pre-operation", instance)
-        if status not in _FINAL_PREOP:
-            return self._failed(instance, cbd, f"pre-operation callback returned {status!r}", None)
-        return status, context
+        for instance, op, context, params, objects in reversed(frames):
+            if lower is not params:
+                for name in lower.OUTPUTS:
+                    setattr(params, name, getattr(lower, name))
+            cbd.iopb.parameters = lower = params
+            if op.post_is_async:
+                await self._post(instance, op, cbd, objects, context)
+                continue
+            cbd.flags |= _POST_OPERATION
+            try:
+                status = op.post(cbd, objects, context, _NO_FLAGS)
+            except Exception as exc:
+                self._post_failed(instance, cbd, exc)
+            else:
+                if status is not _FINISHED:
+                    await self._post_status(instance, cbd, status)
+            cbd.flags &= ~_POST_OPERATION
+        if lower is not original:
+            for name in lower.OUTPUTS:
+                setattr(original, name, getattr(lower, name))
+            cbd.iopb.parameters = original
 
     def _failed(
         self, instance: Instance, cbd: CallbackData, what: str, exc: BaseException | None
@@ -270,28 +280,35 @@ class InstanceStack:
         cbd.io_status.status = NtStatus.FLT_INTERNAL_ERROR
         return PreopCallbackStatus.COMPLETE, None
 
-    async def _post(self, frame: _Frame, cbd: CallbackData) -> None:
-        op, instance = frame.operation, frame.instance
+    async def _post(
+        self, instance: Instance, op: Operation, cbd: CallbackData, objects: RelatedObjects, context: Any
+    ) -> None:
+        """An async post-operation callback (sync ones are called inline by the walk)."""
         assert op.post is not None
-        objects = RelatedObjects(instance.filter, instance, instance.volume, cbd.iopb.target_file_object)
-        cbd.flags |= CallbackDataFlags.POST_OPERATION
+        cbd.flags |= _POST_OPERATION
         try:
-            if op.post_is_async:
-                status = await op.post(cbd, objects, frame.context, PostopFlags.NONE)  # type: ignore[misc]
-            else:
-                status = op.post(cbd, objects, frame.context, PostopFlags.NONE)
-            if status is PostopCallbackStatus.MORE_PROCESSING_REQUIRED:
-                status, _ = await self._park(cbd, "post-operation", instance)
-            if status is not PostopCallbackStatus.FINISHED_PROCESSING:
-                self._bug(instance, cbd, f"post-operation callback returned {status!r}")
+            status = await op.post(cbd, objects, context, _NO_FLAGS)  # type: ignore[misc]
         except Exception as exc:
-            self._bug(instance, cbd, f"post-operation callback raised {exc!r}", exc)
-            if cbd.iopb.parameters.MAJOR not in _CANNOT_FAIL:
-                cbd.io_status.status = NtStatus.FLT_INTERNAL_ERROR
+            self._post_failed(instance, cbd, exc)
+        else:
+            if status is not _FINISHED:
+                await self._post_status(instance, cbd, status)
         finally:
-            cbd.flags &= ~CallbackDataFlags.POST_OPERATION
+            cbd.flags &= ~_POST_OPERATION
 
-    async def _park(self, cbd: CallbackData, what: str, instance: Instance) -> tuple[Any, Any]:
+    async def _post_status(self, instance: Instance, cbd: CallbackData, status: Any) -> None:
+        """A post returned something other than FINISHED_PROCESSING."""
+        if status is PostopCallbackStatus.MORE_PROCESSING_REQUIRED:
+            status, _ = await self._park(cbd, "post-operation")
+        if status is not _FINISHED:
+            self._bug(instance, cbd, f"post-operation callback returned {status!r}")
+
+    def _post_failed(self, instance: Instance, cbd: CallbackData, exc: Exception) -> None:
+        self._bug(instance, cbd, f"post-operation callback raised {exc!r}", exc)
+        if cbd.iopb.parameters.MAJOR not in _CANNOT_FAIL:
+            cbd.io_status.status = NtStatus.FLT_INTERNAL_ERROR
+
+    async def _park(self, cbd: CallbackData, what: str) -> tuple[Any, Any]:
         cbd.pended = pended = _Pended(trio.Event(), trio.lowlevel.current_trio_token(), waiting=what)
         try:
             await pended.event.wait()
@@ -304,12 +321,6 @@ class InstanceStack:
         if self.verifier:
             raise VerifierError(message) from exc
         log.error("filter bug: %s", message, exc_info=exc)
-
-
-def _carry_outputs(source: Parameters, target: Parameters) -> None:
-    if source is not target:
-        for name in source.OUTPUTS:
-            setattr(target, name, getattr(source, name))
 
 
 def complete_pended_preoperation(cbd: CallbackData, status: PreopCallbackStatus, context: Any = None) -> None:

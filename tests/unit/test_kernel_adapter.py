@@ -47,7 +47,7 @@ class Recording:
             raise RuntimeError("a bug below the adapter")
         await self.backend.dispatch(cbd)
 
-    def sees(self, major: MajorFunction) -> bool:
+    def bypasses_kernel_cache(self, major: MajorFunction) -> bool:
         return False
 
 
@@ -128,3 +128,25 @@ async def test_open_with_o_trunc_is_an_overwrite_and_truncates(tmp_path: Path) -
     params = stack.seen[-1].iopb.parameters
     assert isinstance(params, CreateParameters) and params.disposition is CreateDisposition.OVERWRITE
     await adapter.release(info.fh)
+
+
+def test_kernel_caches_stay_on_unless_a_filter_asks_to_bypass_them(tmp_path: Path) -> None:
+    from decimal import Decimal
+
+    from fltfuse import FilterRegistration, OperationFlags, OperationRegistration, PreopCallbackStatus
+    from fltfuse._stack import Filter, Instance, InstanceStack
+
+    def pre(cbd: CallbackData, objects: object) -> PreopCallbackStatus:
+        return PreopCallbackStatus.SUCCESS_NO_CALLBACK
+
+    def adapter_with(flags: OperationFlags) -> KernelAdapter:
+        backend = PassthroughBackend(str(tmp_path))
+        stack = InstanceStack(backend)
+        registration = FilterRegistration(operations=(OperationRegistration(MajorFunction.LOOKUP, pre, flags=flags),))
+        stack.attach(Instance(Filter("auditor", registration), "main", Decimal("370000")))
+        return KernelAdapter(stack, backend, attr_timeout=60, entry_timeout=60)
+
+    plain = adapter_with(OperationFlags.NONE)
+    assert (plain._entry_timeout, plain._attr_timeout) == (60, 60)
+    auditing = adapter_with(OperationFlags.BYPASS_KERNEL_CACHE)
+    assert (auditing._entry_timeout, auditing._attr_timeout) == (0, 60)
