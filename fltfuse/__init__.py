@@ -44,6 +44,9 @@ from ._callback_data import (
 )
 from ._registration import (
     FilterRegistration,
+    FilterUnloadFlags,
+    InstanceSetupFlags,
+    InstanceTeardownFlags,
     OperationFlags,
     OperationRegistration,
     PostopCallbackStatus,
@@ -61,6 +64,7 @@ from ._stack import (
     complete_pended_preoperation,
 )
 from ._status import NtStatus, errno_from_status, status_from_errno
+from ._volume import VolumeProperties
 
 __all__ = [
     "FUSE_PRODUCES",
@@ -83,9 +87,12 @@ __all__ = [
     "FileType",
     "Filter",
     "FilterRegistration",
+    "FilterUnloadFlags",
     "FlushBuffersParameters",
     "FsControlCode",
     "Instance",
+    "InstanceSetupFlags",
+    "InstanceTeardownFlags",
     "IoParameterBlock",
     "IoStatus",
     "LinkParameters",
@@ -110,6 +117,7 @@ __all__ = [
     "SetAttributesParameters",
     "SetEaParameters",
     "VerifierError",
+    "VolumeProperties",
     "VolumeStatistics",
     "WriteParameters",
     "complete_pended_postoperation",

@@ -15,7 +15,8 @@ from collections.abc import Callable, Sequence
 
 from ._backend.passthrough import PassthroughBackend
 from ._kernel import FuseOptions, KernelAdapter, serve
-from ._stack import Instance, InstanceStack
+from ._registration import InstanceSetupFlags
+from ._stack import Instance, InstanceStack, StackError
 from ._volume import Volume
 
 log = logging.getLogger("fltfuse.daemon")
@@ -58,15 +59,24 @@ def run(
     try:
         backend = PassthroughBackend(backing)
         try:
-            stack = InstanceStack(backend)
+            stack = InstanceStack(backend, volume=volume.properties(backing))
             for instance in instances:
-                stack.attach(instance)
+                try:
+                    stack.attach(
+                        instance, InstanceSetupFlags.AUTOMATIC_ATTACHMENT | InstanceSetupFlags.NEWLY_MOUNTED_VOLUME
+                    )
+                except StackError as exc:
+                    log.warning("%s/%s not attached: %s", instance.filter.name, instance.name, exc)
+                    continue
                 log.info("attached %s/%s at altitude %s", instance.filter.name, instance.name, instance.altitude)
             adapter = KernelAdapter(
                 stack, backend, attr_timeout=options.attr_timeout, entry_timeout=options.entry_timeout
             )
             log.info("serving %s at %s (backing %s)", source, volume.mountpoint, backing)
-            serve(adapter, volume.mountpoint, options, on_ready)
+            try:
+                serve(adapter, volume.mountpoint, options, on_ready)
+            finally:
+                stack.dismount()
             log.info("%s unmounted", volume.mountpoint)
         finally:
             backend.close()

@@ -19,6 +19,12 @@ Callback contracts (each may be a plain function or a coroutine function):
 * post-operation ``post(cbd, objects, completion_context, flags)`` returns a
   :class:`PostopCallbackStatus`. ``flags`` has ``PostopFlags.DRAINING`` when
   the instance is detaching and the post may only free its context.
+* ``instance_setup(objects, flags, volume_device_type, volume_filesystem_type)``
+  returns None or ``NtStatus.SUCCESS`` to attach, anything else (typically
+  ``NtStatus.FLT_DO_NOT_ATTACH``) to decline; ``instance_teardown_start`` and
+  ``instance_teardown_complete`` get ``(objects, InstanceTeardownFlags)``;
+  ``filter_unload(FilterUnloadFlags)`` runs after the filter's last instance is
+  gone. These are plain functions, not coroutines.
 """
 
 from __future__ import annotations
@@ -87,6 +93,31 @@ class RegistrationFlags(enum.IntFlag):
     DO_NOT_SUPPORT_SERVICE_STOP = 0x1
     SUPPORT_NPFS_MSFS = 0x2  # accepted and ignored: no named pipes or mailslots on Linux
     SUPPORT_DAX_VOLUME = 0x4  # accepted and ignored
+
+
+class InstanceSetupFlags(enum.IntFlag):
+    """FLTFL_INSTANCE_SETUP_*: why an instance is being attached."""
+
+    AUTOMATIC_ATTACHMENT = 0x1  # the filter was loaded, or the volume mounted
+    MANUAL_ATTACHMENT = 0x2  # fltmc attach
+    NEWLY_MOUNTED_VOLUME = 0x4
+
+
+class InstanceTeardownFlags(enum.IntFlag):
+    """FLTFL_INSTANCE_TEARDOWN_*: why an instance is going away."""
+
+    MANUAL = 0x1
+    FILTER_UNLOAD = 0x2
+    MANDATORY_FILTER_UNLOAD = 0x4
+    VOLUME_DISMOUNT = 0x8
+    INTERNAL_ERROR = 0x10
+
+
+class FilterUnloadFlags(enum.IntFlag):
+    """FLTFL_FILTER_UNLOAD_*."""
+
+    NONE = 0
+    MANDATORY = 0x1
 
 
 PreopResult = PreopCallbackStatus | tuple[PreopCallbackStatus, Any]
@@ -167,6 +198,10 @@ def validate(filter_name: str, registration: object) -> dict[MajorFunction, Oper
         callback = getattr(registration, name)
         if callback is not None:
             _check_signature(filter_name, name, callback, arity)
+            if inspect.iscoroutinefunction(callback):
+                raise RegistrationError(
+                    filter_name, name, "must be a plain function: it runs while the volume is attached or detached"
+                )
     operations: dict[MajorFunction, Operation] = {}
     for index, op in enumerate(registration.operations):
         entry = f"operations[{index}]"

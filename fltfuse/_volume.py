@@ -134,6 +134,16 @@ def is_mounted(path: str) -> bool:
     return any(mnt == real for _, mnt, _, _ in mounts())
 
 
+@dataclass(frozen=True)
+class VolumeProperties:
+    """What an instance learns of its volume (FLT_VOLUME_PROPERTIES): one fltfuse mount."""
+
+    filesystem_type: str  # "ext4", or the backing directory's file system type
+    device: str | None  # the loop or block device, None for a directory
+    mount_point: str
+    backing: str
+
+
 @dataclass
 class VolumeState:
     """What a daemon set up for one volume: enough to tear it down after a crash."""
@@ -287,11 +297,27 @@ class Volume:
         log.info("backing ext4 %s (%s) mounted at %s", device, self.source, backing)
         return backing
 
+    def properties(self, backing: str) -> VolumeProperties:
+        """What filter instances are told of this volume when they attach."""
+        fstype = "ext4" if self.kind != "directory" else _filesystem_of(backing)
+        device = (self.state.loop_device if self.state else None) or (self.source if self.kind == "block" else None)
+        return VolumeProperties(fstype, device, self.mountpoint, backing)
+
     def tear_down(self) -> None:
         """Unmount the backing file system, detach the loop device, remove the state."""
         if self.state is not None:
             _release(self.state)
             self.state = None
+
+
+def _filesystem_of(path: str) -> str:
+    """The type of the file system ``path`` is on (the longest mount point above it)."""
+    real = os.path.realpath(path)
+    best, fstype = "", "unknown"
+    for _, mnt, kind, _ in mounts():
+        if (real == mnt or real.startswith(mnt.rstrip("/") + "/")) and len(mnt) > len(best):
+            best, fstype = mnt, kind
+    return fstype
 
 
 def _release(state: VolumeState) -> None:

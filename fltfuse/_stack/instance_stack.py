@@ -44,6 +44,9 @@ import trio
 from .._callback_data import CallbackData, CallbackDataFlags, FileObject, MajorFunction, Parameters
 from .._registration import (
     FilterRegistration,
+    FilterUnloadFlags,
+    InstanceSetupFlags,
+    InstanceTeardownFlags,
     Operation,
     OperationFlags,
     PostopCallbackStatus,
@@ -52,6 +55,7 @@ from .._registration import (
     validate,
 )
 from .._status import NtStatus
+from .._volume import VolumeProperties
 
 log = logging.getLogger("fltfuse.stack")
 
@@ -120,8 +124,8 @@ class RelatedObjects(NamedTuple):
 
     filter: Filter
     instance: Instance
-    volume: Any
-    file_object: FileObject
+    volume: VolumeProperties | None
+    file_object: FileObject | None  # None in the instance and filter callbacks
 
 
 @dataclass
@@ -145,13 +149,18 @@ class InstanceStack:
 
     backend: Backend
     verifier: bool = False
+    volume: VolumeProperties | None = None
     instances: list[Instance] = field(default_factory=list)  # highest altitude first
     _chains: dict[MajorFunction, tuple[tuple[Instance, Operation], ...]] = field(default_factory=dict)
 
     # -- attaching ----------------------------------------------------------------
 
-    def attach(self, instance: Instance) -> None:
-        """Add ``instance`` at its altitude; altitudes and instance names are unique per volume."""
+    def attach(self, instance: Instance, flags: InstanceSetupFlags = InstanceSetupFlags.MANUAL_ATTACHMENT) -> None:
+        """Add ``instance`` at its altitude, if its filter's setup callback agrees.
+
+        Altitudes and instance names are unique per volume. Raises StackError
+        with FLT_DO_NOT_ATTACH if the setup callback declines (or raises).
+        """
         for other in self.instances:
             if other.altitude == instance.altitude:
                 raise StackError(
@@ -162,16 +171,51 @@ class InstanceStack:
                 raise StackError(
                     NtStatus.FLT_INSTANCE_NAME_COLLISION, f"an instance named {instance.name!r} is attached"
                 )
+        instance.volume = self.volume
+        setup = instance.filter.registration.instance_setup
+        if setup is not None:
+            fs_type = self.volume.filesystem_type if self.volume else ""
+            try:
+                answer = setup(self._objects(instance), flags, "disk", fs_type)
+            except Exception as exc:
+                self._bug(instance, None, f"instance setup raised {exc!r}; not attached", exc)
+                answer = NtStatus.FLT_DO_NOT_ATTACH
+            if answer is not None and answer != NtStatus.SUCCESS:
+                raise StackError(NtStatus.FLT_DO_NOT_ATTACH, f"{instance!r} declined to attach ({answer!r})")
         self.instances.append(instance)
         self.instances.sort(key=lambda i: i.altitude, reverse=True)
         self._rebuild()
 
-    def detach(self, instance: Instance) -> None:
-        try:
+    def dismount(self) -> None:
+        """The volume is going away (no request is in flight): tear every instance down, unload the filters.
+
+        For each instance, from the top: teardown start, then teardown complete,
+        with VOLUME_DISMOUNT; then each filter's unload callback. A callback
+        that raises is logged and the teardown goes on.
+        """
+        filters = []
+        for instance in list(self.instances):
+            for name in ("instance_teardown_start", "instance_teardown_complete"):
+                callback = getattr(instance.filter.registration, name)
+                if callback is not None:
+                    try:
+                        callback(self._objects(instance), InstanceTeardownFlags.VOLUME_DISMOUNT)
+                    except Exception as exc:
+                        self._bug(instance, None, f"{name} raised {exc!r}", exc, contain=True)
             self.instances.remove(instance)
-        except ValueError:
-            raise StackError(NtStatus.FLT_INSTANCE_NOT_FOUND, f"{instance!r} is not attached") from None
+            if instance.filter not in filters:
+                filters.append(instance.filter)
         self._rebuild()
+        for filter_ in filters:
+            unload = filter_.registration.filter_unload
+            if unload is not None:
+                try:
+                    unload(FilterUnloadFlags.NONE)
+                except Exception:
+                    log.exception("filter bug: filter %s: filter_unload raised", filter_.name)
+
+    def _objects(self, instance: Instance) -> RelatedObjects:
+        return RelatedObjects(instance.filter, instance, self.volume, None)
 
     def _rebuild(self) -> None:
         chains: dict[MajorFunction, list[tuple[Instance, Operation]]] = {}
@@ -316,9 +360,18 @@ class InstanceStack:
             cbd.pended = None
         return pended.status, pended.context
 
-    def _bug(self, instance: Instance, cbd: CallbackData, what: str, exc: BaseException | None = None) -> None:
-        message = f"filter {instance.filter.name} (instance {instance.name}) {what} for {cbd!r}"
-        if self.verifier:
+    def _bug(
+        self,
+        instance: Instance,
+        cbd: CallbackData | None,
+        what: str,
+        exc: BaseException | None = None,
+        *,
+        contain: bool = False,
+    ) -> None:
+        """Report a filter bug: raise in verifier mode (unless ``contain``), else log it."""
+        message = f"filter {instance.filter.name} (instance {instance.name}) {what}" + (f" for {cbd!r}" if cbd else "")
+        if self.verifier and not contain:
             raise VerifierError(message) from exc
         log.error("filter bug: %s", message, exc_info=exc)
 

@@ -420,3 +420,88 @@ def test_registration_is_validated_at_load(operations: tuple[OperationRegistrati
         Filter("scanner", FilterRegistration(operations=operations))
     assert str(info.value).startswith("filter 'scanner': operations[")
     assert message in str(info.value)
+
+
+def lifecycle_filter(events: list[tuple[Any, ...]], name: str, answer: Any = None) -> Filter:
+    def setup(objects: Any, flags: Any, device_type: str, fs_type: str) -> Any:
+        events.append((name, "setup", flags, device_type, fs_type, objects.instance.name))
+        return answer
+
+    def teardown_start(objects: Any, reason: Any) -> None:
+        events.append((name, "teardown-start", reason))
+
+    def teardown_complete(objects: Any, reason: Any) -> None:
+        events.append((name, "teardown-complete", reason))
+
+    def unload(flags: Any) -> None:
+        events.append((name, "unload"))
+
+    registration = FilterRegistration(
+        instance_setup=setup,
+        instance_teardown_start=teardown_start,
+        instance_teardown_complete=teardown_complete,
+        filter_unload=unload,
+    )
+    return Filter(name, registration)
+
+
+def test_setup_is_told_why_and_where_and_may_decline(tmp_path: Path) -> None:
+    from fltfuse import InstanceSetupFlags, VolumeProperties
+
+    events: list[tuple[Any, ...]] = []
+    volume = VolumeProperties("ext4", "/dev/loop7", "/mnt/x", str(tmp_path))
+    stack = InstanceStack(PassthroughBackend(str(tmp_path)), volume=volume)
+    flags = InstanceSetupFlags.AUTOMATIC_ATTACHMENT | InstanceSetupFlags.NEWLY_MOUNTED_VOLUME
+    stack.attach(Instance(lifecycle_filter(events, "yes"), "y", Decimal("300000")), flags)
+    with pytest.raises(StackError) as info:
+        stack.attach(Instance(lifecycle_filter(events, "no", NtStatus.FLT_DO_NOT_ATTACH), "n", Decimal("200000")))
+    assert info.value.status is NtStatus.FLT_DO_NOT_ATTACH
+    assert [i.name for i in stack.instances] == ["y"]
+    assert stack.instances[0].volume == volume
+    assert events == [
+        ("yes", "setup", flags, "disk", "ext4", "y"),
+        ("no", "setup", InstanceSetupFlags.MANUAL_ATTACHMENT, "disk", "ext4", "n"),
+    ]
+
+
+def test_a_raising_setup_declines_and_is_logged(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    def setup(objects: Any, flags: Any, device_type: str, fs_type: str) -> Any:
+        raise RuntimeError("setup bug")
+
+    stack = InstanceStack(PassthroughBackend(str(tmp_path)))
+    with caplog.at_level(logging.ERROR, logger="fltfuse.stack"), pytest.raises(StackError):
+        stack.attach(Instance(Filter("buggy", FilterRegistration(instance_setup=setup)), "b", Decimal("300000")))
+    assert stack.instances == [] and "setup bug" in caplog.text
+
+
+def test_dismount_tears_down_from_the_top_then_unloads(tmp_path: Path) -> None:
+    from fltfuse import InstanceTeardownFlags
+
+    events: list[tuple[Any, ...]] = []
+    stack = InstanceStack(PassthroughBackend(str(tmp_path)), verifier=True)
+    low, high = lifecycle_filter(events, "low"), lifecycle_filter(events, "high")
+    stack.attach(Instance(low, "l1", Decimal("100000")))
+    stack.attach(Instance(high, "h", Decimal("300000")))
+    stack.attach(Instance(low, "l2", Decimal("200000")))  # a second instance of one filter
+    events.clear()
+    stack.dismount()
+    dismount = InstanceTeardownFlags.VOLUME_DISMOUNT
+    assert events == [
+        ("high", "teardown-start", dismount),
+        ("high", "teardown-complete", dismount),
+        ("low", "teardown-start", dismount),
+        ("low", "teardown-complete", dismount),
+        ("low", "teardown-start", dismount),
+        ("low", "teardown-complete", dismount),
+        ("high", "unload"),
+        ("low", "unload"),
+    ]
+    assert stack.instances == []
+
+
+def test_instance_callbacks_must_be_plain_functions() -> None:
+    async def setup(objects: Any, flags: Any, device_type: str, fs_type: str) -> None:
+        return None
+
+    with pytest.raises(RegistrationError, match="instance_setup: must be a plain function"):
+        Filter("f", FilterRegistration(instance_setup=setup))
