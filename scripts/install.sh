@@ -30,10 +30,15 @@ if [ ${#missing[@]} -gt 0 ]; then
   apt-get install -y -q --no-install-recommends "${missing[@]}"
 fi
 
-python=${PYTHON:-python3}
+# The distribution's Python (world-readable, as on a fresh machine; the unit tier
+# also runs as an unprivileged user), unless PYTHON names another one.
+python=${PYTHON:-$(command -v /usr/bin/python3 || command -v python3)}
 if ! "$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
   echo "install.sh: fltfuse needs Python 3.11 or newer ($python is $("$python" -V 2>&1))" >&2
   exit 1
+fi
+if [ -x "$here/.venv/bin/python" ] && [ "$(readlink -f "$here/.venv/bin/python")" != "$(readlink -f "$python")" ]; then
+  rm -rf "$here/.venv"  # made with another interpreter
 fi
 if [ ! -x "$here/.venv/bin/python" ]; then
   "$python" -m venv "$here/.venv"

@@ -12,5 +12,14 @@ echo "== ruff"
 .venv/bin/ruff check fltfuse filters tests scripts
 echo "== mypy"
 .venv/bin/mypy
+if [ $# -eq 0 ]; then
+  echo "== pytest: the unit tier as an unprivileged user (no root, no kernel, no mount)"
+  unprivileged=(setpriv --reuid=65534 --regid=65534 --clear-groups env HOME=/tmp PYTHONDONTWRITEBYTECODE=1)
+  if "${unprivileged[@]}" test -r tests/unit/conftest.py -a -x .venv/bin/python; then
+    "${unprivileged[@]}" .venv/bin/python -m pytest -q -p no:cacheprovider tests/unit
+  else
+    echo "not run: user 65534 cannot read $here or run .venv/bin/python (a parent directory is private)"
+  fi
+fi
 echo "== pytest"
 exec .venv/bin/pytest "$@"

@@ -19,8 +19,10 @@ must reach the *same* inode without a path:
   handle, so they are never unpinned; the backend pins a known inode before it
   removes a name of it.
 
-Where the backing file system has no file handles, every known inode stays
-pinned (and the descriptor limit bounds the working set; the daemon logs it).
+Where the backing file system has no file handles, or the daemon may not
+open them (``open_by_handle_at`` needs CAP_DAC_READ_SEARCH: an unprivileged
+daemon serving a directory), every known inode stays pinned and the
+descriptor limit bounds the working set; the daemon logs it.
 """
 
 from __future__ import annotations
@@ -36,6 +38,21 @@ log = logging.getLogger(__name__)
 
 ROOT_INODE = 1
 PIN_FLAGS = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _handles_work(root_fd: int, mount_fd: int) -> bool:
+    """Whether inodes can be re-opened by handle here (open_by_handle_at needs CAP_DAC_READ_SEARCH)."""
+    try:
+        handle = _syscalls.name_to_handle_at(root_fd, b"", _syscalls.AT_EMPTY_PATH)
+        os.close(_syscalls.open_by_handle_at(mount_fd, handle, PIN_FLAGS))
+    except OSError as exc:
+        log.warning(
+            "inodes cannot be re-opened by file handle here (%s): every inode the kernel knows stays pinned, "
+            "so the descriptor limit bounds how many it may know",
+            exc.strerror,
+        )
+        return False
+    return True
 
 
 class Inode:
@@ -58,7 +75,7 @@ class InodeTable:
         self.budget = max(budget, 64)
         self._nodes: dict[int, Inode] = {ROOT_INODE: Inode(root_fd, None, 1)}
         self._pinned: OrderedDict[int, Inode] = OrderedDict()  # least recently used first; root excluded
-        self._handles_work = True
+        self._handles_work = _handles_work(root_fd, mount_fd)
 
     def __len__(self) -> int:
         return len(self._nodes)

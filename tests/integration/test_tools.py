@@ -41,7 +41,20 @@ class Pair(Protocol):
 
 
 # A few hundred files of real Python source (with __pycache__ where present).
-STDLIB_PACKAGES = ("json", "email", "concurrent", "logging", "http", "urllib", "wsgiref", "sqlite3", "xmlrpc", "html")
+STDLIB_PACKAGES = (
+    "json",
+    "email",
+    "concurrent",
+    "logging",
+    "http",
+    "urllib",
+    "wsgiref",
+    "sqlite3",
+    "xmlrpc",
+    "html",
+    "asyncio",
+    "xml",
+)
 MiB = 1024 * 1024
 NOBODY = 65534
 

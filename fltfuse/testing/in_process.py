@@ -1,0 +1,223 @@
+"""InProcessVolume: a filter stack over a real directory, with no kernel in between.
+
+Requests are made by the daemon's own kernel adapter, exactly as for a FUSE
+request (the same callback data, the same parameters), so a filter sees in a
+test what it will see on a mount. Paths are resolved one LOOKUP per component,
+files are read and written through CREATE, READ, WRITE, CLEANUP and CLOSE.
+Failures raise ``OSError`` with the errno a caller of the mount would get.
+
+Use it as an async context manager (under trio)::
+
+    async with InProcessVolume(tmp_path, filters=["passthrough"]) as vol:
+        await vol.write_file("a.txt", b"data")
+        assert await vol.read_file("a.txt") == b"data"
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from decimal import Decimal
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import pyfuse3
+
+from .. import _loader
+from .._backend import ROOT_INODE, PassthroughBackend
+from .._callback_data import CallbackData, DirectoryControlParameters, FileObject, Requestor
+from .._kernel import KernelAdapter
+from .._registration import InstanceSetupFlags
+from .._stack import Filter, Instance, InstanceStack
+from .._volume import VolumeProperties
+
+
+@dataclass(frozen=True)
+class _Caller:
+    """What pyfuse3's RequestContext carries: the calling process."""
+
+    pid: int
+    uid: int
+    gid: int
+    umask: int
+
+
+class InProcessVolume:
+    """A volume of ``directory`` with ``filters`` attached, driven in-process.
+
+    ``filters`` are filter names (found like ``fltfuse mount --filter``, also in
+    ``filter_path``), :class:`~fltfuse.Instance` objects, or ``(Filter,
+    altitude)`` pairs. ``verifier`` (on by default) makes a filter's rule
+    violation raise :class:`~fltfuse.VerifierError` in the test.
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        filters: Sequence[str | Instance | tuple[Filter, str | Decimal]] = (),
+        *,
+        filter_path: Sequence[str | os.PathLike[str]] = (),
+        verifier: bool = True,
+    ):
+        self.directory = Path(directory)
+        self._backend = PassthroughBackend(str(directory))
+        volume = VolumeProperties("directory", None, "<in-process>", str(directory))
+        self.stack = InstanceStack(self._backend, verifier=verifier, volume=volume)
+        for spec in filters:
+            for instance in self._instances(spec, filter_path):
+                self.stack.attach(instance, InstanceSetupFlags.AUTOMATIC_ATTACHMENT)
+        self._adapter = KernelAdapter(self.stack, self._backend)
+        self._caller = _Caller(os.getpid(), os.geteuid(), os.getegid(), 0o022)
+        self._lookups: Counter[int] = Counter()
+
+    @staticmethod
+    def _instances(
+        spec: str | Instance | tuple[Filter, str | Decimal], filter_path: Sequence[str | os.PathLike[str]]
+    ) -> list[Instance]:
+        if isinstance(spec, Instance):
+            return [spec]
+        if isinstance(spec, tuple):
+            filter_, altitude = spec
+            return [Instance(filter_, f"{filter_.name} Instance", Decimal(altitude))]
+        return _loader.load([spec], filter_path)
+
+    async def __aenter__(self) -> InProcessVolume:
+        return self
+
+    async def __aexit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Unmount: forget what was looked up, tear the instances down, release descriptors."""
+        self._backend_forget()
+        self.stack.dismount()
+        self._backend.close()
+
+    def _backend_forget(self) -> None:
+        for ino, count in self._lookups.items():
+            self._backend.forget(ino, count)
+        self._lookups.clear()
+
+    # -- the calls a test makes -------------------------------------------------------------
+
+    async def _call(self, path: str, method: str, *args: Any) -> Any:
+        try:
+            return await getattr(self._adapter, method)(*args)
+        except pyfuse3.FUSEError as exc:
+            raise OSError(exc.errno, os.strerror(exc.errno), path) from None
+
+    async def lookup(self, path: str) -> int:
+        """The inode of ``path`` (relative to the volume root), one LOOKUP per component."""
+        ino = ROOT_INODE
+        for part in Path(path).parts:
+            if part == "/":
+                continue
+            entry = await self._call(path, "lookup", ino, os.fsencode(part), self._caller)
+            ino = entry.st_ino
+            self._lookups[ino] += 1
+        return ino
+
+    async def _parent(self, path: str) -> tuple[int, bytes]:
+        p = Path(path)
+        return await self.lookup(str(p.parent)), os.fsencode(p.name)
+
+    async def stat(self, path: str) -> pyfuse3.EntryAttributes:
+        entry: pyfuse3.EntryAttributes = await self._call(path, "getattr", await self.lookup(path), self._caller)
+        return entry
+
+    async def open(self, path: str, flags: int = os.O_RDONLY, mode: int = 0o644) -> int:
+        """A file handle; with O_CREAT the file is created if it does not exist."""
+        try:
+            ino = await self.lookup(path)
+        except FileNotFoundError:
+            if not flags & os.O_CREAT:
+                raise
+            parent, name = await self._parent(path)
+            info, entry = await self._call(path, "create", parent, name, mode, flags, self._caller)
+            self._lookups[entry.st_ino] += 1
+            return int(info.fh)
+        if flags & os.O_CREAT and flags & os.O_EXCL:
+            raise FileExistsError(17, os.strerror(17), path)
+        info = await self._call(path, "open", ino, flags & ~(os.O_CREAT | os.O_EXCL), self._caller)
+        return int(info.fh)
+
+    async def read(self, handle: int, offset: int, length: int) -> bytes:
+        return bytes(await self._call("", "read", handle, offset, length))
+
+    async def write(self, handle: int, offset: int, data: bytes) -> int:
+        return int(await self._call("", "write", handle, offset, data))
+
+    async def close_handle(self, handle: int) -> None:
+        """close(2): CLEANUP, then CLOSE."""
+        await self._call("", "flush", handle)
+        await self._call("", "release", handle)
+
+    async def read_file(self, path: str) -> bytes:
+        handle = await self.open(path, os.O_RDONLY)
+        try:
+            chunks = []
+            offset = 0
+            while chunk := await self.read(handle, offset, 128 * 1024):
+                chunks.append(chunk)
+                offset += len(chunk)
+            return b"".join(chunks)
+        finally:
+            await self.close_handle(handle)
+
+    async def write_file(self, path: str, data: bytes, mode: int = 0o644) -> None:
+        handle = await self.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+        try:
+            offset = 0
+            while offset < len(data):
+                offset += await self.write(handle, offset, data[offset : offset + 128 * 1024])
+        finally:
+            await self.close_handle(handle)
+
+    async def mkdir(self, path: str, mode: int = 0o755) -> None:
+        parent, name = await self._parent(path)
+        entry = await self._call(path, "mkdir", parent, name, mode, self._caller)
+        self._lookups[entry.st_ino] += 1
+
+    async def unlink(self, path: str) -> None:
+        parent, name = await self._parent(path)
+        await self._call(path, "unlink", parent, name, self._caller)
+
+    async def rmdir(self, path: str) -> None:
+        parent, name = await self._parent(path)
+        await self._call(path, "rmdir", parent, name, self._caller)
+
+    async def rename(self, old: str, new: str, flags: int = 0) -> None:
+        old_parent, old_name = await self._parent(old)
+        new_parent, new_name = await self._parent(new)
+        await self._call(old, "rename", old_parent, old_name, new_parent, new_name, flags, self._caller)
+
+    async def listdir(self, path: str = ".") -> list[str]:
+        """The names in a directory (without . and ..), in the backend's order."""
+        ino = await self.lookup(path)
+        handle = await self._call(path, "opendir", ino, self._caller)
+        names: list[str] = []
+        try:
+            offset = 0
+            while True:
+                p = DirectoryControlParameters(offset)
+                cbd = CallbackData(FileObject(ino, handle), p, Requestor(*self._caller_ids()))
+                await self.stack.dispatch(cbd)
+                if cbd.io_status.status >= 0x80000000:
+                    raise OSError(5, "listing failed", path)
+                if not p.entries:
+                    return names
+                taken = [e for e in p.entries if e.name not in (b".", b"..")]
+                names.extend(os.fsdecode(e.name) for e in taken)
+                self._backend.commit_listing(handle, [e.attributes.ino for e in taken])
+                for e in taken:
+                    self._lookups[e.attributes.ino] += 1
+                offset = p.entries[-1].next_offset
+        finally:
+            await self._call(path, "releasedir", handle)
+
+    def _caller_ids(self) -> tuple[int, int, int, int]:
+        c = self._caller
+        return c.pid, c.uid, c.gid, c.umask

@@ -1,0 +1,142 @@
+"""Test harness: real fltfuse volumes for tests, with guaranteed cleanup.
+
+``mounted_volume`` creates an ext4 image, mounts it through a real fltfuse
+daemon (a separate process, exactly as ``fltfuse mount`` does), and on exit
+unmounts it and checks that no mount or loop device is left, even when the
+test failed or the daemon died.
+
+``why_no_mount()`` says why this machine cannot mount (no /dev/fuse, not root,
+no loop device), or returns ``None`` when it can.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from .. import _volume
+
+
+def why_no_mount() -> str | None:
+    """The reason mounted tests cannot run here, or None."""
+    if not os.path.exists("/dev/fuse"):
+        return "no /dev/fuse on this machine"
+    if os.geteuid() != 0:
+        return "mounting an ext4 image on a loop device needs root"
+    if not os.path.exists("/dev/loop-control"):
+        return "no loop devices on this machine (/dev/loop-control is missing)"
+    return None
+
+
+@dataclass
+class MountedVolume:
+    """A live fltfuse mount: where it is, what backs it, and its daemon."""
+
+    image: str
+    mountpoint: str
+    backing: str
+    pid: int
+    log_path: str
+    loop_device: str | None
+
+    def log_text(self) -> str:
+        try:
+            return Path(self.log_path).read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        """Kill the daemon (as a crash would) and wait until it is gone."""
+        os.kill(self.pid, sig)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                os.kill(self.pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.02)
+        raise TimeoutError(f"daemon {self.pid} did not die")
+
+    def unmount(self) -> None:
+        _fltfuse("unmount", self.mountpoint)
+
+
+def _fltfuse(*args: str) -> subprocess.CompletedProcess[str]:
+    done = subprocess.run([sys.executable, "-m", "fltfuse", *args], capture_output=True, text=True, timeout=180)
+    if done.returncode != 0:
+        raise RuntimeError(f"fltfuse {' '.join(args)} failed: {done.stderr.strip()}")
+    return done
+
+
+def mount(
+    source: str, mountpoint: str, *options: str, filters: tuple[str, ...] = (), filter_path: tuple[str, ...] = ()
+) -> MountedVolume:
+    """Mount ``source`` at ``mountpoint`` with ``filters`` attached, in the background; describe the live mount."""
+    _fltfuse(
+        "mount",
+        *(f"-o{o}" for o in options),
+        *(f"--filter={f}" for f in filters),
+        *(f"--filter-path={d}" for d in filter_path),
+        source,
+        mountpoint,
+    )
+    state = _volume.VolumeState.load(mountpoint)
+    if state is None:
+        raise RuntimeError(f"fltfuse mounted {mountpoint} but left no state file")
+    return MountedVolume(source, state.mountpoint, state.backing, state.pid, state.log or "", state.loop_device)
+
+
+@contextlib.contextmanager
+def mounted_volume(
+    directory: str | os.PathLike[str],
+    *,
+    size: str = "2G",
+    inodes: int | None = None,
+    options: tuple[str, ...] = (),
+    filters: tuple[str, ...] = (),
+    filter_path: tuple[str, ...] = (),
+) -> Iterator[MountedVolume]:
+    """A fresh ext4 image in ``directory``, mounted at ``directory/mnt`` (with ``filters``) for the ``with`` body."""
+    directory = Path(directory)
+    image = str(directory / "volume.img")
+    mountpoint = directory / "mnt"
+    mountpoint.mkdir(parents=True, exist_ok=True)
+    _volume.create_image(image, _volume.parse_size(size), force=True, inodes=inodes)
+    vol = mount(image, str(mountpoint), *options, filters=filters, filter_path=filter_path)
+    try:
+        yield vol
+    finally:
+        release(str(mountpoint), image)
+
+
+def release(mountpoint: str, image: str | None = None) -> None:
+    """Unmount and clean up whatever is left at ``mountpoint``; raise if anything stays attached."""
+    for lazy in (False, True):
+        try:
+            _volume.unmount(mountpoint, lazy=lazy)
+            break
+        except _volume.VolumeError as exc:
+            if "no fltfuse volume" in str(exc):
+                break
+    state = _volume.VolumeState.load(mountpoint)
+    if state is not None:
+        deadline = time.monotonic() + 30
+        while state.daemon_alive() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        _volume.recover(state)
+    left = []
+    if _volume.is_mounted(mountpoint):
+        left.append(f"{mountpoint} is still mounted")
+    if image is not None:
+        attached = subprocess.run(["losetup", "-j", image], capture_output=True, text=True).stdout.strip()
+        if attached:
+            left.append(f"{image} is still attached: {attached}")
+    if left:
+        raise RuntimeError("; ".join(left))
