@@ -8,7 +8,9 @@ The walk, exactly as Filter Manager does it:
 * pre-operation callbacks run from the highest altitude down, only for
   instances that registered for the major function;
 * SUCCESS_WITH_CALLBACK and SYNCHRONIZE ask for the post (with the completion
-  context the pre returned), SUCCESS_NO_CALLBACK does not, COMPLETE ends the
+  context the pre returned), SUCCESS_NO_CALLBACK does not. SYNCHRONIZE's
+  promise, the post runs in the same thread as the pre, always holds here:
+  every post runs in the request's own trio task; COMPLETE ends the
   descent (the filter set ``io_status``; nothing below sees the request and
   only the posts above it run), PENDING parks the request until
   :func:`complete_pended_preoperation` gives the final decision;
