@@ -20,6 +20,10 @@ The search path, in order:
 
 A ``ServiceBinary`` module is imported with the directory above the INF's
 directory on the import path, so ``inf/x.inf`` can name ``filters.x``.
+
+Every mount loads the filters whose INF in the search path has StartType 0
+(boot), 1 (system) or 2 (auto): the default stack; ``--filter`` adds
+demand-start ones (3). A disabled filter (4) never loads.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from collections.abc import Mapping, Sequence
 from decimal import Decimal
 from pathlib import Path
 
-from ._inf import FilterInf, InfError, parse_inf
+from ._inf import FilterInf, InfError, StartType, parse_inf
 from ._stack import Filter, Instance
 
 log = logging.getLogger("fltfuse.loader")
@@ -106,13 +110,28 @@ def default_instance(filter_: Filter, inf: FilterInf, altitude: Decimal | None =
     return Instance(filter_, spec.name, altitude if altitude is not None else spec.altitude)
 
 
+def default_filters(extra: Sequence[str | os.PathLike[str]] = ()) -> list[str]:
+    """The filters every mount loads: INFs in the search path with StartType boot, system or auto."""
+    names: list[str] = []
+    for directory in search_path(extra):
+        for path in sorted(directory.glob("*.inf")) if directory.is_dir() else ():
+            inf = parse_inf(path)
+            if inf.start_type <= StartType.AUTO and inf.name.lower() not in (n.lower() for n in names):
+                names.append(inf.name)
+    return names
+
+
 def load(
     names: Sequence[str], extra: Sequence[str | os.PathLike[str]] = (), parameters: Mapping[str, Mapping[str, str]] = {}
 ) -> list[Instance]:
-    """Load each named filter and return the instances to attach at mount time."""
+    """Load the default filters and each named one; return the instances to attach at mount time."""
     instances = []
-    for name in names:
+    wanted = default_filters(extra)
+    wanted += [n for n in names if n.lower() not in (w.lower() for w in wanted)]
+    for name in wanted:
         inf = find_inf(name, extra)
+        if inf.start_type == StartType.DISABLED:
+            raise InfError(inf.path, 0, f"filter {inf.name} is disabled (StartType 4) and cannot be loaded")
         overrides = parameters.get(inf.name.lower(), {})
         if overrides:
             inf = inf.with_parameters(overrides)

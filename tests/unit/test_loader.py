@@ -17,7 +17,9 @@ from fltfuse._loader import FilterNotFound, find_inf, load, load_filter
 PROJECT_INF = Path(__file__).resolve().parents[2] / "inf"
 
 
-def write_inf(directory: Path, name: str, module: str, altitude: str = "370100", flags: str = "0x0") -> Path:
+def write_inf(
+    directory: Path, name: str, module: str, altitude: str = "370100", flags: str = "0x0", start: int = 3
+) -> Path:
     path = directory / f"{name}.inf"
     path.write_text(
         textwrap.dedent(
@@ -36,7 +38,7 @@ def write_inf(directory: Path, name: str, module: str, altitude: str = "370100",
             ServiceBinary  = {module}
             Dependencies   = "FltMgr"
             ServiceType    = 2
-            StartType      = 3
+            StartType      = {start}
             ErrorControl   = 1
             LoadOrderGroup = "FSFilter Activity Monitor"
             AddReg         = Svc.Reg
@@ -143,3 +145,13 @@ def test_an_installed_package_is_found_through_its_entry_point(installed: Path) 
 def test_parameters_are_looked_up_as_in_the_registry(tree: Path) -> None:
     [instance] = load(["counter"], [tree / "infs"])
     assert instance.filter.parameters["timeout"] == instance.filter.parameters["Timeout"] == 30
+
+
+def test_auto_start_filters_are_the_default_stack_and_disabled_ones_never_load(tree: Path) -> None:
+    write_inf(tree / "infs", "always", "myfilters.counter", altitude="370200", start=2)
+    write_inf(tree / "infs", "never", "myfilters.counter", altitude="370300", start=4)
+    [instance] = load([], [tree / "infs"])  # demand-start 'counter' is not loaded unless asked for
+    assert instance.filter.name == "always"
+    assert [i.filter.name for i in load(["counter"], [tree / "infs"])] == ["always", "counter"]
+    with pytest.raises(InfError, match="filter never is disabled"):
+        load(["never"], [tree / "infs"])
