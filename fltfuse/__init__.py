@@ -56,12 +56,16 @@ from ._registration import (
     RegistrationFlags,
 )
 from ._stack import (
+    CancelSafeQueue,
     Filter,
     Instance,
     RelatedObjects,
     VerifierError,
+    clear_cancel_completion,
+    complete_cancelled,
     complete_pended_postoperation,
     complete_pended_preoperation,
+    set_cancel_completion,
 )
 from ._status import NtStatus, errno_from_status, status_from_errno
 from ._volume import VolumeProperties
@@ -71,6 +75,7 @@ __all__ = [
     "AccessParameters",
     "CallbackData",
     "CallbackDataFlags",
+    "CancelSafeQueue",
     "CleanupParameters",
     "CloseParameters",
     "CreateDisposition",
@@ -120,9 +125,12 @@ __all__ = [
     "VolumeProperties",
     "VolumeStatistics",
     "WriteParameters",
+    "clear_cancel_completion",
+    "complete_cancelled",
     "complete_pended_postoperation",
     "complete_pended_preoperation",
     "errno_from_status",
+    "set_cancel_completion",
     "status_from_errno",
 ]
 __version__ = "0.1.0"

@@ -276,13 +276,16 @@ class FileObject:
     ``handle = None``.
     """
 
-    __slots__ = ("flags", "handle", "inode", "opener")
+    __slots__ = ("flags", "handle", "inode", "opener", "uncached")
 
     def __init__(self, inode: int, handle: int | None = None, flags: int = 0, opener: Requestor | None = None):
         self.inode = inode
         self.handle = handle
         self.flags = flags  # open(2) flags of the handle
         self.opener = opener
+        # the kernel's page cache is not used for this handle (O_DIRECT, or an instance
+        # registered READ/WRITE with BYPASS_KERNEL_CACHE): each read(2)/write(2) is a request
+        self.uncached = bool(flags & os.O_DIRECT)
 
     def __repr__(self) -> str:
         return f"FileObject(inode={self.inode}, handle={self.handle})"

@@ -1,7 +1,8 @@
 """The daemon: one volume, one stack, one FUSE session, in one process.
 
 Where it sits: it assembles the data flow for one mount (volume -> backend ->
-instance stack -> kernel adapter), serves it, and tears it down in order when
+instance stack -> kernel adapter, with the filter manager and its control
+socket beside the stack), serves it, and tears it down in order when
 the mount goes away: FUSE mount, backend descriptors, backing mount, loop
 device.
 """
@@ -11,12 +12,15 @@ from __future__ import annotations
 import logging
 import os
 import resource
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from ._backend.passthrough import PassthroughBackend
+from ._control import ControlServer
 from ._kernel import FuseOptions, KernelAdapter, serve
+from ._loader import LoadedFilter
+from ._manager import FilterManager
 from ._registration import InstanceSetupFlags
-from ._stack import Instance, InstanceStack, StackError
+from ._stack import InstanceStack
 from ._volume import Volume
 
 log = logging.getLogger("fltfuse.daemon")
@@ -46,9 +50,14 @@ def run(
     *,
     log_path: str | None,
     on_ready: Callable[[], None],
-    instances: Sequence[Instance] = (),
+    filters: Sequence[LoadedFilter] = (),
+    filter_path: Sequence[str] = (),
+    parameters: Mapping[str, Mapping[str, str]] | None = None,
 ) -> None:
-    """Serve ``source`` at ``mountpoint`` with ``instances`` attached until unmounted; then clean up."""
+    """Serve ``source`` at ``mountpoint`` with ``filters`` loaded until unmounted; then clean up.
+
+    The filter manager answers fltmc on the volume's control socket meanwhile.
+    """
     volume = Volume(
         source, mountpoint, read_only=options.read_only, backing_options=options.backing
     )  # resolves relative paths: before chdir
@@ -60,23 +69,28 @@ def run(
         backend = PassthroughBackend(backing)
         try:
             stack = InstanceStack(backend, volume=volume.properties(backing))
-            for instance in instances:
-                try:
-                    stack.attach(
-                        instance, InstanceSetupFlags.AUTOMATIC_ATTACHMENT | InstanceSetupFlags.NEWLY_MOUNTED_VOLUME
-                    )
-                except StackError as exc:
-                    log.warning("%s/%s not attached: %s", instance.filter.name, instance.name, exc)
-                    continue
-                log.info("attached %s/%s at altitude %s", instance.filter.name, instance.name, instance.altitude)
             adapter = KernelAdapter(
                 stack, backend, attr_timeout=options.attr_timeout, entry_timeout=options.entry_timeout
             )
+            manager = FilterManager(
+                stack, filter_path=filter_path, parameters=parameters, on_change=adapter.refresh_cache_policy
+            )
+            for loaded in filters:
+                manager.start(loaded, InstanceSetupFlags.AUTOMATIC_ATTACHMENT | InstanceSetupFlags.NEWLY_MOUNTED_VOLUME)
+            assert volume.state is not None
+            control = ControlServer(manager, volume.state.control_path)
             log.info("serving %s at %s (backing %s)", source, volume.mountpoint, backing)
             try:
-                serve(adapter, volume.mountpoint, options, on_ready)
+                serve(
+                    adapter,
+                    volume.mountpoint,
+                    options,
+                    on_ready,
+                    services=[control.serve],
+                    before_stop=manager.dismount,
+                )
             finally:
-                stack.dismount()
+                manager.shutdown()
             log.info("%s unmounted", volume.mountpoint)
         finally:
             backend.close()

@@ -35,6 +35,7 @@ import logging
 import os
 import sys
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
 
@@ -82,8 +83,18 @@ def find_inf(name: str, extra: Sequence[str | os.PathLike[str]] = ()) -> FilterI
     )
 
 
-def load_filter(inf: FilterInf) -> Filter:
-    """Import the filter's module and validate its ``REGISTRATION``."""
+@dataclass
+class LoadedFilter:
+    """A filter whose module is imported and registration validated, with the INF it came from."""
+
+    filter: Filter
+    inf: FilterInf
+
+
+def load_filter(inf: FilterInf, overrides: Mapping[str, str] | None = None) -> LoadedFilter:
+    """Import the filter's module and validate its ``REGISTRATION``; ``overrides`` are ``--param`` values."""
+    if overrides:
+        inf = inf.with_parameters(overrides)
     root = str(inf.path.resolve().parent.parent)
     added = root not in sys.path
     if added:
@@ -98,7 +109,7 @@ def load_filter(inf: FilterInf) -> Filter:
     registration = getattr(module, "REGISTRATION", None)
     if registration is None:
         raise InfError(inf.path, 0, f"module {inf.module} has no REGISTRATION")
-    return Filter(inf.name, registration, parameters=inf.parameters)
+    return LoadedFilter(Filter(inf.name, registration, parameters=inf.parameters), inf)
 
 
 def default_instance(filter_: Filter, inf: FilterInf, altitude: Decimal | None = None) -> Instance | None:
@@ -121,21 +132,24 @@ def default_filters(extra: Sequence[str | os.PathLike[str]] = ()) -> list[str]:
     return names
 
 
-def load(
+def load_all(
     names: Sequence[str], extra: Sequence[str | os.PathLike[str]] = (), parameters: Mapping[str, Mapping[str, str]] = {}
-) -> list[Instance]:
-    """Load the default filters and each named one; return the instances to attach at mount time."""
-    instances = []
+) -> list[LoadedFilter]:
+    """Load the default filters and each named one (what a mount starts with)."""
+    loaded = []
     wanted = default_filters(extra)
     wanted += [n for n in names if n.lower() not in (w.lower() for w in wanted)]
     for name in wanted:
         inf = find_inf(name, extra)
         if inf.start_type == StartType.DISABLED:
             raise InfError(inf.path, 0, f"filter {inf.name} is disabled (StartType 4) and cannot be loaded")
-        overrides = parameters.get(inf.name.lower(), {})
-        if overrides:
-            inf = inf.with_parameters(overrides)
-        instance = default_instance(load_filter(inf), inf)
-        if instance is not None:
-            instances.append(instance)
-    return instances
+        loaded.append(load_filter(inf, parameters.get(inf.name.lower(), {})))
+    return loaded
+
+
+def load(
+    names: Sequence[str], extra: Sequence[str | os.PathLike[str]] = (), parameters: Mapping[str, Mapping[str, str]] = {}
+) -> list[Instance]:
+    """Load the default filters and each named one; return the instances they attach automatically."""
+    instances = (default_instance(lf.filter, lf.inf) for lf in load_all(names, extra, parameters))
+    return [i for i in instances if i is not None]

@@ -83,6 +83,8 @@ class OperationFlags(enum.IntFlag):
     # does not see what they answer (a stat the attribute cache answers sends no
     # request). With this flag on LOOKUP or QUERY_INFORMATION the kernel may not
     # cache names or attributes while the instance is attached: it sees every one.
+    # On READ or WRITE, files opened while it is attached use direct I/O: every
+    # read(2)/write(2) is a request as the caller made it (and can be interrupted).
     BYPASS_KERNEL_CACHE = 0x100
 
 

@@ -163,6 +163,11 @@ class VolumeState:
     def path(self) -> Path:
         return state_root() / f"{self.id}.json"
 
+    @property
+    def control_path(self) -> Path:
+        """The daemon's control socket (what fltmc talks to)."""
+        return state_root() / f"{self.id}.sock"
+
     def save(self) -> None:
         """Write the state atomically, readable and writable by its owner only.
 
@@ -346,6 +351,8 @@ def _release(state: VolumeState) -> None:
     if errors:
         state.save()
         raise VolumeError("; ".join(errors))
+    with contextlib.suppress(FileNotFoundError):
+        state.control_path.unlink()
     with contextlib.suppress(FileNotFoundError):
         state.path.unlink()
 

@@ -118,9 +118,17 @@ def _serve(args: argparse.Namespace, options: FuseOptions) -> int:
             ready_fd = None
 
     try:
-        instances = _loader.load(args.filters, args.filter_path, _parse_params(args.params))
+        parameters = _parse_params(args.params)
+        filters = _loader.load_all(args.filters, args.filter_path, parameters)
         _daemon.run(
-            args.source, args.mountpoint, options, log_path=args.log_file, on_ready=on_ready, instances=instances
+            args.source,
+            args.mountpoint,
+            options,
+            log_path=args.log_file,
+            on_ready=on_ready,
+            filters=filters,
+            filter_path=[os.path.abspath(d) for d in args.filter_path],
+            parameters=parameters,
         )
     except Exception as exc:
         log.error("%s", exc, exc_info=not isinstance(exc, _volume.VolumeError))

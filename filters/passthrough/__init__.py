@@ -5,6 +5,10 @@ at once (the pre asks for its post; the post finishes), so the difference
 between a volume with and without it is the cost of one filter in the request
 path: the benchmark's per-filter overhead reference. ``COUNTS`` holds how many
 pre and post callbacks ran per major function (one counter for all instances).
+Any instance may be detached (``fltmc detach``) and the filter unloaded
+(``fltmc unload``) at any time; several instances may be attached at
+different altitudes (``fltmc attach passthrough VOL -i NAME -a ALTITUDE``),
+which is how the benchmark builds a stack of five.
 """
 
 from __future__ import annotations
@@ -16,7 +20,9 @@ from fltfuse import (
     FUSE_PRODUCES,
     CallbackData,
     FilterRegistration,
+    FilterUnloadFlags,
     MajorFunction,
+    NtStatus,
     OperationRegistration,
     PostopCallbackStatus,
     PostopFlags,
@@ -36,7 +42,17 @@ def post(cbd: CallbackData, objects: Any, context: Any, flags: PostopFlags) -> P
     return PostopCallbackStatus.FINISHED_PROCESSING
 
 
+def query_teardown(objects: Any, flags: int) -> NtStatus:
+    return NtStatus.SUCCESS  # any instance may be detached by hand
+
+
+def unload(flags: FilterUnloadFlags) -> NtStatus:
+    return NtStatus.SUCCESS
+
+
 REGISTRATION = FilterRegistration(
+    filter_unload=unload,
+    instance_query_teardown=query_teardown,
     operations=tuple(
         OperationRegistration(major, pre, post)
         for major in sorted(FUSE_PRODUCES)

@@ -168,6 +168,7 @@ class KernelAdapter(pyfuse3.Operations):
         bypass = self._stack.bypasses_kernel_cache
         self._attr_timeout = 0.0 if bypass(MajorFunction.QUERY_INFORMATION) else self._attr_timeout_max
         self._entry_timeout = 0.0 if bypass(MajorFunction.LOOKUP) else self._entry_timeout_max
+        self._direct_io = bypass(MajorFunction.READ) or bypass(MajorFunction.WRITE)
 
     # -- plumbing -------------------------------------------------------------
 
@@ -216,11 +217,20 @@ class KernelAdapter(pyfuse3.Operations):
         self._files[fh] = fo
         return fh
 
-    def _file_info(self, fh: int) -> pyfuse3.FileInfo:
-        """The reply to an open. The kernel keeps a file's pages cached across opens
-        and drops them when it sees the size or mtime change (auto_inval_data), so reads
-        it serves from its cache reach neither the filters nor ext4 (see the backend's
-        ``_access_time``)."""
+    def _file_info(self, fo: FileObject, params: CreateParameters) -> pyfuse3.FileInfo:
+        """The reply to an open of a regular file.
+
+        The kernel keeps a file's pages cached across opens and drops them when
+        it sees the size or mtime change (auto_inval_data), so reads it serves
+        from its cache reach neither the filters nor ext4 (see the backend's
+        ``_access_time``). While an instance registered READ or WRITE with
+        ``BYPASS_KERNEL_CACHE``, new handles are opened for direct I/O instead:
+        every read(2) and write(2) is a request, sent as the caller made it.
+        """
+        fh = self._opened(fo, params)
+        if self._direct_io:
+            fo.uncached = True
+            return pyfuse3.FileInfo(fh=fh, direct_io=True)
         return pyfuse3.FileInfo(fh=fh)
 
     def _attributes_changed(self, inode: int) -> None:
@@ -387,7 +397,7 @@ class KernelAdapter(pyfuse3.Operations):
         await self._call(fo, p, req)
         if p.attributes is not None:
             self._attributes_changed(inode)
-        return self._file_info(self._opened(fo, p))
+        return self._file_info(fo, p)
 
     @_boundary
     async def create(
@@ -407,7 +417,7 @@ class KernelAdapter(pyfuse3.Operations):
         await self._call(fo, p, req)
         entry = self._entry(p.attributes)
         fo.inode = entry.st_ino
-        return self._file_info(self._opened(fo, p)), entry
+        return self._file_info(fo, p), entry
 
     @_boundary
     async def read(self, fh: int, off: int, size: int) -> bytes:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 import pyfuse3
@@ -86,16 +86,29 @@ class FuseOptions:
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
-def serve(adapter: KernelAdapter, mountpoint: str, options: FuseOptions, on_ready: Callable[[], None]) -> None:
-    """Mount ``adapter`` at ``mountpoint`` (resolved) and serve until unmounted or signalled."""
+def serve(
+    adapter: KernelAdapter,
+    mountpoint: str,
+    options: FuseOptions,
+    on_ready: Callable[[], None],
+    *,
+    services: Sequence[Callable[..., Awaitable[None]]] = (),
+    before_stop: Callable[[], Awaitable[None]] | None = None,
+) -> None:
+    """Mount ``adapter`` at ``mountpoint`` (resolved) and serve until unmounted or signalled.
+
+    ``services`` are started in the trio loop beside the FUSE session (each is
+    started with ``nursery.start``, so it reports when it is ready) and
+    cancelled when it ends. ``before_stop`` runs when a stop signal arrives,
+    before the session is told to end, while requests are still served.
+    """
     early: list[int] = []  # a stop signal that arrives before the trio loop listens for it
     previous = {sig: signal.signal(sig, lambda signum, _frame: early.append(signum)) for sig in _STOP_SIGNALS}
     try:
         pyfuse3.init(adapter, mountpoint, set(options.kernel))
         unmounted = False
         try:
-            on_ready()
-            trio.run(_main_loop, early)
+            trio.run(_main_loop, early, services, before_stop, on_ready)
             unmounted = True
         finally:
             pyfuse3.close(unmount=not unmounted or is_mounted(mountpoint))
@@ -104,24 +117,31 @@ def serve(adapter: KernelAdapter, mountpoint: str, options: FuseOptions, on_read
             signal.signal(sig, handler)
 
 
-async def _main_loop(early: list[int]) -> None:
+async def _main_loop(
+    early: list[int],
+    services: Sequence[Callable[..., Awaitable[None]]],
+    before_stop: Callable[[], Awaitable[None]] | None,
+    on_ready: Callable[[], None],
+) -> None:
     async with trio.open_nursery() as nursery:
-        await nursery.start(_stop_on_signal, early)
+        for service in services:
+            await nursery.start(service)
+        await nursery.start(_stop_on_signal, early, before_stop)
+        on_ready()
         await pyfuse3.main(min_tasks=4, max_tasks=64)
         nursery.cancel_scope.cancel()
 
 
-async def _stop_on_signal(early: list[int], *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+async def _stop_on_signal(
+    early: list[int],
+    before_stop: Callable[[], Awaitable[None]] | None,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
     with trio.open_signal_receiver(*_STOP_SIGNALS) as signals:
         task_status.started()
-        if early:
-            _stop(early[0])
-            return
-        async for signum in signals:
-            _stop(signum)
-            return
-
-
-def _stop(signum: int) -> None:
-    log.info("%s received: unmounting", signal.Signals(signum).name)
-    pyfuse3.terminate()
+        signum = early[0] if early else await signals.__anext__()
+        log.info("%s received: unmounting", signal.Signals(signum).name)
+        if before_stop is not None:
+            await before_stop()
+        pyfuse3.terminate()

@@ -4,7 +4,8 @@ The kernel adapter, tests and (later) filter-initiated I/O enter the stack the
 same way: ``await stack.dispatch(cbd)``. The stack runs the pre-operation
 callbacks of the attached instances from the highest altitude down, the backend
 at the bottom, and the post-operation callbacks back up. It knows nothing of
-FUSE.
+FUSE. ``pending`` holds what a pended request needs: completion from any task
+or thread, cancellation, and the cancel-safe queue.
 
 Windows counterpart: the frame of FltMgr that holds the instances attached to
 one volume.
@@ -20,18 +21,28 @@ from .instance_stack import (
     RelatedObjects,
     StackError,
     VerifierError,
+)
+from .pending import (
+    CancelSafeQueue,
+    clear_cancel_completion,
+    complete_cancelled,
     complete_pended_postoperation,
     complete_pended_preoperation,
+    set_cancel_completion,
 )
 
 __all__ = [
     "Backend",
+    "CancelSafeQueue",
     "Filter",
     "Instance",
     "InstanceStack",
     "RelatedObjects",
     "StackError",
     "VerifierError",
+    "clear_cancel_completion",
+    "complete_cancelled",
     "complete_pended_postoperation",
     "complete_pended_preoperation",
+    "set_cancel_completion",
 ]

@@ -43,7 +43,7 @@ from typing import Any, NamedTuple, Protocol
 
 import trio
 
-from .._callback_data import CallbackData, CallbackDataFlags, FileObject, MajorFunction, Parameters
+from .._callback_data import CallbackData, CallbackDataFlags, FileObject, MajorFunction
 from .._registration import (
     FilterRegistration,
     FilterUnloadFlags,
@@ -58,6 +58,7 @@ from .._registration import (
 )
 from .._status import NtStatus
 from .._volume import VolumeProperties
+from . import pending
 
 log = logging.getLogger("fltfuse.stack")
 
@@ -69,6 +70,8 @@ _FINISHED = PostopCallbackStatus.FINISHED_PROCESSING
 _NO_FLAGS = PostopFlags.NONE
 _COMPLETE = PreopCallbackStatus.COMPLETE
 _NO_CALLBACK = PreopCallbackStatus.SUCCESS_NO_CALLBACK
+_MORE_PROCESSING = PostopCallbackStatus.MORE_PROCESSING_REQUIRED
+_DRAINING = PostopFlags.DRAINING
 _DIRTY = int(CallbackDataFlags.DIRTY)
 _POST_OPERATION = int(CallbackDataFlags.POST_OPERATION)
 
@@ -103,9 +106,34 @@ class Filter:
         self.registration = registration
         self.operations = validate(name, registration)
         self.parameters: Mapping[str, Any] = parameters if parameters is not None else MappingProxyType({})
+        self.unloaded = False
 
     def __repr__(self) -> str:
         return f"Filter({self.name!r})"
+
+    def unload(self, flags: FilterUnloadFlags = FilterUnloadFlags.NONE) -> NtStatus:
+        """Call the filter's unload callback (once). Returns its answer.
+
+        A status other than SUCCESS (or None) refuses the unload, unless
+        ``flags`` has MANDATORY: then the answer is ignored. No unload callback:
+        the filter cannot be unloaded (FLT_DO_NOT_DETACH), again unless mandatory.
+        A callback that raises is logged and counts as a refusal.
+        """
+        mandatory = bool(flags & FilterUnloadFlags.MANDATORY)
+        callback = self.registration.filter_unload
+        answer: Any = NtStatus.SUCCESS
+        if callback is None:
+            answer = NtStatus.SUCCESS if mandatory else NtStatus.FLT_DO_NOT_DETACH
+        else:
+            try:
+                answer = callback(flags)
+            except Exception as exc:
+                log.error("filter bug: filter %s: filter_unload raised %r", self.name, exc, exc_info=exc)
+                answer = NtStatus.FLT_INTERNAL_ERROR
+        if answer is None or answer == NtStatus.SUCCESS or mandatory:
+            self.unloaded = True
+            return NtStatus.SUCCESS
+        return answer if isinstance(answer, NtStatus) else NtStatus.FLT_DO_NOT_DETACH
 
 
 @dataclass(eq=False)
@@ -116,6 +144,8 @@ class Instance:
     name: str
     altitude: Decimal
     volume: Any = None
+    setup_flags: InstanceSetupFlags = InstanceSetupFlags.AUTOMATIC_ATTACHMENT  # how it was attached
+    tearing_down: bool = False
 
     def __repr__(self) -> str:
         return f"Instance({self.filter.name!r}, {self.name!r}, {self.altitude})"
@@ -130,15 +160,19 @@ class RelatedObjects(NamedTuple):
     file_object: FileObject | None  # None in the instance and filter callbacks
 
 
-@dataclass
-class _Pended:
-    """A parked pre- or post-operation and how to wake it."""
+class _Walk:
+    """One request on its way through the stack: what draining looks at.
 
-    event: trio.Event
-    token: trio.lowlevel.TrioToken
-    status: Any = None
-    context: Any = None
-    waiting: str = ""
+    ``frames`` are the posts still to run (None once run or drained); ``at`` is
+    the instance whose callback is running or has the request pended.
+    """
+
+    __slots__ = ("at", "cbd", "frames")
+
+    def __init__(self, cbd: CallbackData, frames: list[Any]):
+        self.cbd = cbd
+        self.frames = frames
+        self.at: Instance | None = None
 
 
 @dataclass
@@ -146,22 +180,28 @@ class InstanceStack:
     """The instances attached to one volume, above the backend that ends every request.
 
     ``dispatch`` never raises for a failed request: the outcome is in
-    ``cbd.io_status``.
+    ``cbd.io_status``. ``drain_timeout`` bounds how long a detach waits for a
+    request an instance holds before it reports the filter and cancels it.
     """
 
     backend: Backend
     verifier: bool = False
     volume: VolumeProperties | None = None
+    drain_timeout: float = 5.0
     instances: list[Instance] = field(default_factory=list)  # highest altitude first
     _chains: dict[MajorFunction, tuple[tuple[Instance, Operation], ...]] = field(default_factory=dict)
+    _inflight: set[_Walk] = field(default_factory=set)
+    _draining: int = 0
+    _drained: trio.lowlevel.ParkingLot = field(default_factory=trio.lowlevel.ParkingLot)
 
-    # -- attaching ----------------------------------------------------------------
+    # -- attaching and detaching ----------------------------------------------------
 
     def attach(self, instance: Instance, flags: InstanceSetupFlags = InstanceSetupFlags.MANUAL_ATTACHMENT) -> None:
         """Add ``instance`` at its altitude, if its filter's setup callback agrees.
 
         Altitudes and instance names are unique per volume. Raises StackError
         with FLT_DO_NOT_ATTACH if the setup callback declines (or raises).
+        Requests already on their way keep the stack they started with.
         """
         for other in self.instances:
             if other.altitude == instance.altitude:
@@ -174,6 +214,7 @@ class InstanceStack:
                     NtStatus.FLT_INSTANCE_NAME_COLLISION, f"an instance named {instance.name!r} is attached"
                 )
         instance.volume = self.volume
+        instance.setup_flags = flags
         setup = instance.filter.registration.instance_setup
         if setup is not None:
             fs_type = self.volume.filesystem_type if self.volume else ""
@@ -188,33 +229,117 @@ class InstanceStack:
         self.instances.sort(key=lambda i: i.altitude, reverse=True)
         self._rebuild()
 
+    def query_teardown(self, instance: Instance) -> None:
+        """Ask ``instance`` whether it may be detached by hand (fltmc detach).
+
+        Raises StackError(FLT_DO_NOT_DETACH) if the filter has no query
+        teardown callback, or the callback refuses (or raises).
+        """
+        callback = instance.filter.registration.instance_query_teardown
+        if callback is None:
+            raise StackError(
+                NtStatus.FLT_DO_NOT_DETACH,
+                f"filter {instance.filter.name} has no instance query teardown callback: it cannot be detached by hand",
+            )
+        try:
+            answer = callback(self._objects(instance), 0)
+        except Exception as exc:
+            self._bug(instance, None, f"instance query teardown raised {exc!r}; not detached", exc, contain=True)
+            answer = NtStatus.FLT_DO_NOT_DETACH
+        if answer is not None and answer != NtStatus.SUCCESS:
+            raise StackError(NtStatus.FLT_DO_NOT_DETACH, f"{instance!r} refused to detach ({answer!r})")
+
+    async def detach(self, instance: Instance, reason: InstanceTeardownFlags) -> None:
+        """Take ``instance`` off the volume while requests flow.
+
+        New requests stop reaching it at once. Then: teardown start (the filter
+        completes what it has pended), the drain (each post it still owes runs
+        now with ``PostopFlags.DRAINING``; requests it holds are waited for, and
+        after ``drain_timeout`` reported with the filter's name and cancelled),
+        and teardown complete, which runs only when nothing is left.
+        """
+        if instance not in self.instances:
+            raise StackError(NtStatus.FLT_INSTANCE_NOT_FOUND, f"{instance!r} is not attached")
+        self.instances.remove(instance)
+        self._rebuild()
+        instance.tearing_down = True
+        self._teardown_callback(instance, "instance_teardown_start", reason)
+        await self._drain(instance)
+        self._teardown_callback(instance, "instance_teardown_complete", reason)
+
     def dismount(self) -> None:
-        """The volume is going away (no request is in flight): tear every instance down, unload the filters.
+        """The volume is gone (no request is in flight): tear every instance down, unload the filters.
 
         For each instance, from the top: teardown start, then teardown complete,
-        with VOLUME_DISMOUNT; then each filter's unload callback. A callback
-        that raises is logged and the teardown goes on.
+        with VOLUME_DISMOUNT; then each filter's unload callback, mandatory. A
+        callback that raises is logged and the teardown goes on.
         """
         filters = []
         for instance in list(self.instances):
             for name in ("instance_teardown_start", "instance_teardown_complete"):
-                callback = getattr(instance.filter.registration, name)
-                if callback is not None:
-                    try:
-                        callback(self._objects(instance), InstanceTeardownFlags.VOLUME_DISMOUNT)
-                    except Exception as exc:
-                        self._bug(instance, None, f"{name} raised {exc!r}", exc, contain=True)
+                self._teardown_callback(instance, name, InstanceTeardownFlags.VOLUME_DISMOUNT)
             self.instances.remove(instance)
             if instance.filter not in filters:
                 filters.append(instance.filter)
         self._rebuild()
         for filter_ in filters:
-            unload = filter_.registration.filter_unload
-            if unload is not None:
-                try:
-                    unload(FilterUnloadFlags.NONE)
-                except Exception:
-                    log.exception("filter bug: filter %s: filter_unload raised", filter_.name)
+            if not filter_.unloaded:
+                filter_.unload(FilterUnloadFlags.MANDATORY)
+
+    def _teardown_callback(self, instance: Instance, name: str, reason: InstanceTeardownFlags) -> None:
+        callback = getattr(instance.filter.registration, name)
+        if callback is not None:
+            try:
+                callback(self._objects(instance), reason)
+            except Exception as exc:
+                self._bug(instance, None, f"{name} raised {exc!r}", exc, contain=True)
+
+    async def _drain(self, instance: Instance) -> None:
+        deadline = trio.current_time() + self.drain_timeout
+        self._draining += 1
+        try:
+            while True:
+                holding = []
+                for walk in list(self._inflight):
+                    frames = walk.frames
+                    for i, frame in enumerate(frames):
+                        if frame is not None and frame[0] is instance:
+                            frames[i] = None  # the walk will not call it again
+                            _, op, context, _, objects = frame
+                            await self._call_post(instance, op, walk.cbd, objects, context, _DRAINING)
+                    if walk.at is instance:
+                        holding.append(walk)
+                if not holding:
+                    return
+                if trio.current_time() >= deadline:
+                    self._cancel_held(instance, holding)
+                    deadline = trio.current_time() + self.drain_timeout
+                with trio.move_on_at(deadline):
+                    await self._drained.park()
+        finally:
+            self._draining -= 1
+
+    def _cancel_held(self, instance: Instance, holding: list[_Walk]) -> None:
+        """The drain timed out: name the filter and the requests it holds; cancel those it pended."""
+        for walk in holding:
+            cbd = walk.cbd
+            if pending.is_pended(cbd, "pre-operation"):
+                action = "it never completed its pended pre-operation; the request is cancelled"
+                cbd.io_status.status, cbd.io_status.information = NtStatus.CANCELLED, 0
+                pending.resume(cbd, "pre-operation", _COMPLETE, None)
+            elif pending.is_pended(cbd, "post-operation"):
+                action = "it never completed its post-operation (MORE_PROCESSING_REQUIRED); it is finished for it"
+                pending.resume(cbd, "post-operation", _FINISHED, None)
+            else:
+                action = "its callback has not returned"
+            log.error(
+                "filter %s (instance %s) still holds %r after %.1f s of detach: %s",
+                instance.filter.name,
+                instance.name,
+                cbd,
+                self.drain_timeout,
+                action,
+            )
 
     def _objects(self, instance: Instance) -> RelatedObjects:
         return RelatedObjects(instance.filter, instance, self.volume, None)
@@ -229,8 +354,9 @@ class InstanceStack:
     def bypasses_kernel_cache(self, major: MajorFunction) -> bool:
         """Whether an attached instance registered ``major`` with ``BYPASS_KERNEL_CACHE``.
 
-        The kernel adapter lets the kernel cache names and attributes unless an
-        instance asked to see every LOOKUP or QUERY_INFORMATION.
+        The kernel adapter lets the kernel cache names, attributes and file
+        data unless an instance asked to see every LOOKUP, QUERY_INFORMATION,
+        READ or WRITE.
         """
         return any(op.flags & OperationFlags.BYPASS_KERNEL_CACHE for _, op in self._chains.get(major, ()))
 
@@ -247,75 +373,90 @@ class InstanceStack:
         original = cbd.iopb.parameters
         major = original.MAJOR
         file_object = cbd.iopb.target_file_object
-        frames: list[tuple[Instance, Operation, Any, Parameters, RelatedObjects]] = []  # posts to run, top first
-        completed = False
-        for instance, op in chain:
-            params = cbd.iopb.parameters
-            objects = RelatedObjects(instance.filter, instance, instance.volume, file_object)
-            if op.pre is None:
-                frames.append((instance, op, None, params, objects))
-                continue
-            cbd.iopb.parameters = params.copy()  # what this instance may change
-            cbd.flags &= ~_DIRTY
-            try:
-                result = await op.pre(cbd, objects) if op.pre_is_async else op.pre(cbd, objects)  # type: ignore[misc]
-            except Exception as exc:
-                result = self._failed(instance, cbd, f"pre-operation callback raised {exc!r}", exc)
-            if result.__class__ is tuple:
-                status, context = result
-            else:
-                status, context = result, None
-            if status is _PENDING:
-                status, context = await self._park(cbd, "pre-operation")
-            if not (
-                status is _WITH_CALLBACK or status is _NO_CALLBACK or status is _COMPLETE or status is _SYNCHRONIZE
-            ):
-                status, context = self._failed(instance, cbd, f"pre-operation callback returned {status!r}", None)
-            if cbd.iopb.parameters.MAJOR is not major:
-                self._bug(instance, cbd, "changed the major function of a request")
-                cbd.iopb.parameters = params.copy()
-                status = _NO_CALLBACK
-            if status is _COMPLETE:
-                if cbd.io_status.status == NtStatus.PENDING:
-                    self._bug(instance, cbd, "completed a request with STATUS_PENDING")
-                    cbd.io_status.status = NtStatus.FLT_INTERNAL_ERROR
-                if major in _CANNOT_FAIL and cbd.io_status.status >= 0x80000000:  # not NT_SUCCESS
-                    self._bug(instance, cbd, f"failed {major.name}, which cannot fail; it succeeds")
-                    cbd.io_status.status = NtStatus.SUCCESS
-                completed = True  # its outputs (in the copy it filled) go up as the file system's would
-                break
-            if not cbd.flags & _DIRTY:
-                cbd.iopb.parameters = params  # changes without set_dirty() do not go down
-            if status is not _NO_CALLBACK:  # SUCCESS_WITH_CALLBACK or SYNCHRONIZE
-                if op.post is None:
-                    self._bug(instance, cbd, f"returned {status.name} without a post-operation callback")
+        frames: list[Any] = []  # (instance, op, context, params, objects) of the posts to run, top first
+        walk = _Walk(cbd, frames)
+        self._inflight.add(walk)
+        try:
+            completed = False
+            for instance, op in chain:
+                params = cbd.iopb.parameters
+                objects = RelatedObjects(instance.filter, instance, instance.volume, file_object)
+                if op.pre is None:
+                    frames.append((instance, op, None, params, objects))
+                    continue
+                walk.at = instance
+                cbd.iopb.parameters = params.copy()  # what this instance may change
+                cbd.flags &= ~_DIRTY
+                try:
+                    result = await op.pre(cbd, objects) if op.pre_is_async else op.pre(cbd, objects)  # type: ignore[misc]
+                except Exception as exc:
+                    result = self._failed(instance, cbd, f"pre-operation callback raised {exc!r}", exc)
+                if result.__class__ is tuple:
+                    status, context = result
                 else:
-                    frames.append((instance, op, context, params, objects))
-        cbd.flags &= ~_DIRTY
-        if not completed:
-            await self.backend.dispatch(cbd)
-        lower = cbd.iopb.parameters
-        for instance, op, context, params, objects in reversed(frames):
-            if lower is not params:
+                    status, context = result, None
+                if status is _PENDING:
+                    status, context = await pending.park(cbd, "pre-operation", pending.watches_caller(cbd))
+                if not (
+                    status is _WITH_CALLBACK or status is _NO_CALLBACK or status is _COMPLETE or status is _SYNCHRONIZE
+                ):
+                    status, context = self._failed(instance, cbd, f"pre-operation callback returned {status!r}", None)
+                if cbd.iopb.parameters.MAJOR is not major:
+                    self._bug(instance, cbd, "changed the major function of a request")
+                    cbd.iopb.parameters = params.copy()
+                    status = _NO_CALLBACK
+                if status is _COMPLETE:
+                    if cbd.io_status.status == NtStatus.PENDING:
+                        self._bug(instance, cbd, "completed a request with STATUS_PENDING")
+                        cbd.io_status.status = NtStatus.FLT_INTERNAL_ERROR
+                    if major in _CANNOT_FAIL and cbd.io_status.status >= 0x80000000:  # not NT_SUCCESS
+                        self._bug(instance, cbd, f"failed {major.name}, which cannot fail; it succeeds")
+                        cbd.io_status.status = NtStatus.SUCCESS
+                    completed = True  # its outputs (in the copy it filled) go up as the file system's would
+                    break
+                if not cbd.flags & _DIRTY:
+                    cbd.iopb.parameters = params  # changes without set_dirty() do not go down
+                if status is not _NO_CALLBACK:  # SUCCESS_WITH_CALLBACK or SYNCHRONIZE
+                    if op.post is None:
+                        self._bug(instance, cbd, f"returned {status.name} without a post-operation callback")
+                    else:
+                        frames.append((instance, op, context, params, objects))
+            walk.at = None
+            cbd.flags &= ~_DIRTY
+            if not completed:
+                await self.backend.dispatch(cbd)
+            lower = cbd.iopb.parameters
+            for i in range(len(frames) - 1, -1, -1):
+                frame = frames[i]
+                if frame is None:
+                    continue  # its instance detached and drained it
+                frames[i] = None
+                instance, op, context, params, objects = frame
+                if lower is not params:
+                    for name in lower.OUTPUTS:
+                        setattr(params, name, getattr(lower, name))
+                cbd.iopb.parameters = lower = params
+                walk.at = instance
+                if op.post_is_async:
+                    await self._call_post(instance, op, cbd, objects, context, _NO_FLAGS)
+                    continue
+                cbd.flags |= _POST_OPERATION
+                try:
+                    status = op.post(cbd, objects, context, _NO_FLAGS)
+                except Exception as exc:
+                    self._post_failed(instance, cbd, exc)
+                else:
+                    if status is not _FINISHED:
+                        await self._post_status(instance, cbd, status)
+                cbd.flags &= ~_POST_OPERATION
+            if lower is not original:
                 for name in lower.OUTPUTS:
-                    setattr(params, name, getattr(lower, name))
-            cbd.iopb.parameters = lower = params
-            if op.post_is_async:
-                await self._post(instance, op, cbd, objects, context)
-                continue
-            cbd.flags |= _POST_OPERATION
-            try:
-                status = op.post(cbd, objects, context, _NO_FLAGS)
-            except Exception as exc:
-                self._post_failed(instance, cbd, exc)
-            else:
-                if status is not _FINISHED:
-                    await self._post_status(instance, cbd, status)
-            cbd.flags &= ~_POST_OPERATION
-        if lower is not original:
-            for name in lower.OUTPUTS:
-                setattr(original, name, getattr(lower, name))
-            cbd.iopb.parameters = original
+                    setattr(original, name, getattr(lower, name))
+                cbd.iopb.parameters = original
+        finally:
+            self._inflight.discard(walk)
+            if self._draining:
+                self._drained.unpark_all()
 
     def _failed(
         self, instance: Instance, cbd: CallbackData, what: str, exc: BaseException | None
@@ -326,26 +467,37 @@ class InstanceStack:
         cbd.io_status.status = NtStatus.FLT_INTERNAL_ERROR
         return PreopCallbackStatus.COMPLETE, None
 
-    async def _post(
-        self, instance: Instance, op: Operation, cbd: CallbackData, objects: RelatedObjects, context: Any
+    async def _call_post(
+        self,
+        instance: Instance,
+        op: Operation,
+        cbd: CallbackData,
+        objects: RelatedObjects,
+        context: Any,
+        flags: PostopFlags,
     ) -> None:
-        """An async post-operation callback (sync ones are called inline by the walk)."""
+        """Run one post-operation callback outside the walk's inline fast path (async, or draining)."""
         assert op.post is not None
         cbd.flags |= _POST_OPERATION
         try:
-            status = await op.post(cbd, objects, context, _NO_FLAGS)  # type: ignore[misc]
+            status: Any = op.post(cbd, objects, context, flags)
+            if op.post_is_async:
+                status = await status
         except Exception as exc:
             self._post_failed(instance, cbd, exc)
         else:
             if status is not _FINISHED:
-                await self._post_status(instance, cbd, status)
+                if flags & _DRAINING and status is _MORE_PROCESSING:
+                    self._bug(instance, cbd, "asked for more processing while draining", contain=True)
+                else:
+                    await self._post_status(instance, cbd, status)
         finally:
             cbd.flags &= ~_POST_OPERATION
 
     async def _post_status(self, instance: Instance, cbd: CallbackData, status: Any) -> None:
         """A post returned something other than FINISHED_PROCESSING."""
-        if status is PostopCallbackStatus.MORE_PROCESSING_REQUIRED:
-            status, _ = await self._park(cbd, "post-operation")
+        if status is _MORE_PROCESSING:
+            status, _ = await pending.park(cbd, "post-operation", False)
         if status is not _FINISHED:
             self._bug(instance, cbd, f"post-operation callback returned {status!r}")
 
@@ -353,14 +505,6 @@ class InstanceStack:
         self._bug(instance, cbd, f"post-operation callback raised {exc!r}", exc)
         if cbd.iopb.parameters.MAJOR not in _CANNOT_FAIL:
             cbd.io_status.status = NtStatus.FLT_INTERNAL_ERROR
-
-    async def _park(self, cbd: CallbackData, what: str) -> tuple[Any, Any]:
-        cbd.pended = pended = _Pended(trio.Event(), trio.lowlevel.current_trio_token(), waiting=what)
-        try:
-            await pended.event.wait()
-        finally:
-            cbd.pended = None
-        return pended.status, pended.context
 
     def _bug(
         self,
@@ -376,30 +520,3 @@ class InstanceStack:
         if self.verifier and not contain:
             raise VerifierError(message) from exc
         log.error("filter bug: %s", message, exc_info=exc)
-
-
-def complete_pended_preoperation(cbd: CallbackData, status: PreopCallbackStatus, context: Any = None) -> None:
-    """FltCompletePendedPreOperation: resume a pre-operation that returned PENDING.
-
-    ``status`` is SUCCESS_WITH_CALLBACK, SUCCESS_NO_CALLBACK or COMPLETE. Call it
-    from any trio task of the daemon or from any worker thread.
-    """
-    _resume(cbd, "pre-operation", status, context)
-
-
-def complete_pended_postoperation(cbd: CallbackData) -> None:
-    """FltCompletePendedPostOperation: finish a post that returned MORE_PROCESSING_REQUIRED."""
-    _resume(cbd, "post-operation", PostopCallbackStatus.FINISHED_PROCESSING, None)
-
-
-def _resume(cbd: CallbackData, what: str, status: Any, context: Any) -> None:
-    pended = cbd.pended
-    if not isinstance(pended, _Pended) or pended.waiting != what or pended.event.is_set():
-        raise RuntimeError(f"{cbd!r} has no pended {what} to complete")
-    pended.status, pended.context = status, context
-    try:
-        trio.lowlevel.current_trio_token()
-    except RuntimeError:  # a worker thread: wake the request in the daemon's trio loop
-        trio.from_thread.run_sync(pended.event.set, trio_token=pended.token)
-    else:
-        pended.event.set()
