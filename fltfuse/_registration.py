@@ -39,7 +39,15 @@ from ._callback_data import CallbackData, MajorFunction
 
 
 class PreopCallbackStatus(enum.Enum):
-    """FLT_PREOP_CALLBACK_STATUS: what a pre-operation callback decided."""
+    """FLT_PREOP_CALLBACK_STATUS: what a pre-operation callback decided.
+
+    DISALLOW_FASTIO has no use here: fast I/O on Linux is the kernel answering
+    from its page, attribute and entry caches, and that never reaches a filter
+    (every request a filter sees is, in Windows terms, an IRP). To see those
+    operations a filter registers them with ``OperationFlags.BYPASS_KERNEL_CACHE``.
+    Returning it is, as FltMgr treats it for IRP operations, a filter bug.
+    DISALLOW_FSFILTER_IO likewise: there are no FsFilter callbacks.
+    """
 
     SUCCESS_WITH_CALLBACK = 0
     SUCCESS_NO_CALLBACK = 1

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Benchmark fltfuse against raw ext4 and its peers, side by side in one run.
 
-    sudo scripts/bench.py [--targets raw,fltfuse,pyfuse3,loggedfs] [--rounds 3] [--quick]
+    sudo scripts/bench.py [--targets raw,fltfuse,fltfuse-1f,...] [--rounds 3] [--quick]
                           [--out FILE.md] [--json FILE.json]
 
 Setup: a sparse ext4 image in a fresh temporary directory, attached with
@@ -34,6 +34,17 @@ target, and per FUSE target the ratio of its median to raw's median as "speed
 relative to raw": target/raw for rates, raw/target for seconds (1.0 = as fast
 as raw ext4, 0.25 = four times slower).
 
+Filter stacks: fltfuse-1f mounts with one passthrough instance, fltfuse-5f with
+five (one --filter, four `fltmc attach` at other altitudes), fltfuse-5null with
+five nullfilter instances (no operations registered: every request passes them
+by); the bench checks each such mount with `fltmc instances`. A second table,
+"Filter overhead", sets each stack against the empty stack (fltfuse) on the
+small-file (meta) and 4 KiB random I/O rows: ratio, cost = 1 - ratio, cost per
+filter = cost / instances, and PASS/MISS against the goals (a passthrough
+instance costs at most 3%, five at most 15%; nullfilter instances nothing
+measurable: the stack's median not below the empty stack's lowest round). The
+verdicts are reported, never enforced: a MISS does not change the exit status.
+
 Everything the bench creates (FUSE mounts and their daemons, bind mounts, the
 ext4 mount, the loop device, the temporary directory) is removed on exit, on
 errors and on SIGINT/SIGTERM/SIGHUP. A daemon that does not exit after
@@ -48,6 +59,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import itertools
 import json
 import os
 import platform
@@ -62,8 +74,9 @@ import sysconfig
 import tarfile
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 REPO = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
 
@@ -76,10 +89,32 @@ REPO = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
 FUSE_TARGETS: dict[str, str] = {
     "fltfuse": "{venv}/bin/fltfuse mount -f {src} {mnt}",
     "fltfuse-1f": "{venv}/bin/fltfuse mount -f --filter passthrough {src} {mnt}",
+    "fltfuse-5f": "{venv}/bin/fltfuse mount -f --filter passthrough {src} {mnt}",
+    "fltfuse-5null": "{venv}/bin/fltfuse mount -f --filter nullfilter {src} {mnt}",
     "pyfuse3": "{venv}/bin/python {passthroughfs} {src} {mnt}",
     "loggedfs": "loggedfs -f -p {mnt}",
 }
 RAW = "raw"  # the ext4 directory itself: always measured, the reference for ratios
+
+# More instances of a filter the mount loaded (--filter), attached once the mount is live with
+# `FLTMC attach FILTER {mnt} -i INSTANCE -a ALTITUDE`: target -> (filter, instance, altitude) each.
+# A filter loads once per volume, so a stack of five is one --filter and four attaches; the
+# bench then checks with `FLTMC instances {mnt}` that every filter has as many instances as it
+# should. The altitudes are the INF's default instance's plus 1 to 4.
+FLTMC = "{venv}/bin/fltmc"
+ATTACH: dict[str, list[tuple[str, str, str]]] = {
+    "fltfuse-5f": [("passthrough", f"PassThrough {n}", str(370029 + n)) for n in range(2, 6)],
+    "fltfuse-5null": [("nullfilter", f"NullFilter {n}", str(46999 + n)) for n in range(2, 6)],
+}
+
+# The "Filter overhead" section: every target with a filter stack against the empty stack
+# EMPTY_STACK, on the small-file (meta) and 4 KiB random I/O rows. The goal per filter, as the
+# most one instance may cost of the empty stack's throughput (n instances: n times that);
+# None: nothing measurable, i.e. the stack's median is not below the empty stack's lowest
+# round (for filters that register no operation, so every request passes them by).
+EMPTY_STACK = "fltfuse"
+OVERHEAD_ROWS = ("meta_create", "meta_stat", "meta_read", "meta_unlink", "randread", "randwrite")
+PER_FILTER_GOAL: dict[str, float | None] = {"passthrough": 0.03, "nullfilter": None}
 
 REQUIRED_TOOLS = ("fio", "mkfs.ext4", "losetup", "blockdev", "mount", "umount", "fusermount3", "tar", "du", "grep")
 
@@ -184,6 +219,7 @@ def deferred_signals() -> Iterator[None]:
 class Target:
     name: str
     template: str | None  # None: raw ext4
+    attach: list[tuple[str, str, str]] = field(default_factory=list)  # ATTACH[name]
 
     @property
     def in_place(self) -> bool:
@@ -193,6 +229,29 @@ class Target:
         assert self.template is not None
         quoted = {k: shlex.quote(v) for k, v in {**values, "src": src, "mnt": mnt}.items()}
         return shlex.split(self.template.format_map(quoted))
+
+    @property
+    def fltfuse(self) -> bool:
+        """An fltfuse mount: a volume that fltmc can manage."""
+        return self.template is not None and os.path.basename(shlex.split(self.template)[0]) == "fltfuse"
+
+    @property
+    def stack(self) -> list[str]:
+        """The filter instances of the mount, lower case: its command's --filter, then ATTACH's."""
+        words = shlex.split(self.template or "")
+        loaded = [b for a, b in itertools.pairwise(words) if a == "--filter"]
+        loaded += [w.removeprefix("--filter=") for w in words if w.startswith("--filter=")]
+        return [f.lower() for f in loaded] + [f.lower() for f, _, _ in self.attach]
+
+    def attach_commands(self) -> list[str]:
+        """The fltmc commands of ATTACH, as templates (placeholders as in FUSE_TARGETS)."""
+        return [f"{FLTMC} attach {f} {{mnt}} -i {shlex.quote(i)} -a {alt}" for f, i, alt in self.attach]
+
+    def describe(self) -> str:
+        if self.template is None:
+            return "the ext4 directory itself"
+        steps = [f"`{self.template}`", *(f"`{c}`" for c in self.attach_commands())]
+        return ", then ".join(steps)
 
 
 def pyfuse3_example(python: str, dest: str) -> tuple[str, str]:
@@ -397,13 +456,32 @@ class Bench:
                 if time.monotonic() > deadline:
                     raise WorkloadError(f"{target.name}: no FUSE mount at {mnt} after {self.args.mount_timeout:g}s")
                 time.sleep(0.02)
-            os.stat(os.path.join(mnt, "."))  # the daemon answers
+            os.stat(os.path.join(mnt, "."))  # the daemon answers (and its control socket listens)
+            self.build_stack(target, mnt)
             yield mnt
             ok = True
         finally:
             self.release(mnt)
             if ok and not self.args.keep_logs:
                 os.unlink(logpath)  # LoggedFS logs every request: do not keep gigabytes around
+
+    def build_stack(self, target: Target, mnt: str) -> None:
+        """On an fltfuse mount, attach the target's ATTACH instances with fltmc, then check with
+        `fltmc instances` that the volume has exactly the target's stack (the empty one: none;
+        an INF with an automatic start type would otherwise slip a filter into every target)."""
+        if not target.fltfuse:
+            return
+        fltmc = FLTMC.format_map(self.values)
+        for name, instance, altitude in target.attach:
+            run([fltmc, "attach", name, mnt, "-i", instance, "-a", altitude], timeout=60)
+        listing = run([fltmc, "instances", mnt], timeout=60).stdout.decode(errors="replace")
+        rows = listing.splitlines()[2:]  # a header and a rule of dashes; then one line per instance
+        found = Counter(row.split()[0].lower() for row in rows if row.strip())
+        want = Counter(target.stack)
+        if found != want:
+            raise WorkloadError(f"{target.name}: expected instances {dict(want)}, fltmc instances shows:\n{listing}")
+        shown = ", ".join(f"{count} {name}" for name, count in want.items()) + " instance(s)" if want else "none"
+        self.notes.append(f"{target.name}: every mount checked with `fltmc instances`: {shown}")
 
     def release(self, mnt: str) -> None:
         """Unmount `mnt` and stop its daemon: fusermount3 -u, wait; then SIGTERM, SIGKILL
@@ -623,7 +701,7 @@ def wl_tools(bench: Bench, root: str, tag: str) -> dict[str, float]:
     os.rmdir(d)
     if bench.tree_files and matches == 0:
         raise WorkloadError("grep -r import found nothing in the extracted tree")
-    bench.grep_lines.setdefault(tag.split("-")[0], set()).add(matches)
+    bench.grep_lines.setdefault(tag.rsplit("-", 2)[0], set()).add(matches)  # tag: TARGET-tools-rN
     return res
 
 
@@ -699,7 +777,7 @@ def measure(bench: Bench, targets: list[Target], results: dict[str, dict[str, li
                 for key, value in values.items():
                     results[target.name][key][rnd] = value
                 shown = ", ".join(f"{k}={v:.4g}" for k, v in values.items())
-                log(f"round {rnd + 1}/{a.rounds} {workload:9} {target.name:10} {time.monotonic() - t0:6.1f}s  {shown}")
+                log(f"round {rnd + 1}/{a.rounds} {workload:9} {target.name:13} {time.monotonic() - t0:6.1f}s  {shown}")
     return failures
 
 
@@ -724,12 +802,101 @@ def cell(values: list[float]) -> str:
     return f"{fmt(statistics.median(values))} [{fmt(min(values))}-{fmt(max(values))}]"
 
 
+@dataclass
+class Overhead:
+    """One OVERHEAD_ROWS row of one filter-stack target, against the empty stack."""
+
+    row: str
+    target: str
+    instances: int
+    filters: str  # the stack's filters, "+"-joined
+    goal: str  # as the report states it
+    ratio: float | None = None  # the stack's median / the empty stack's median
+    cost: float | None = None  # 1 - ratio
+    cost_per_filter: float | None = None  # cost / instances
+    verdict: str = "-"  # PASS, MISS, or why there is none
+
+
+def filter_overhead(
+    bench: Bench, targets: list[Target], results: dict[str, dict[str, list[float | None]]]
+) -> list[Overhead]:
+    """Every filter-stack target against EMPTY_STACK on the OVERHEAD_ROWS, judged on PER_FILTER_GOAL."""
+    stacks = [t for t in targets if t.stack]
+    if EMPTY_STACK not in results or not stacks:
+        return []
+    entries = []
+    rows = {row.key: row for row in table_rows(bench)}  # those of the workloads run
+    for row in (rows[key] for key in OVERHEAD_ROWS if key in rows):
+        base = [v for v in results[EMPTY_STACK][row.key] if v is not None]
+        for t in stacks:
+            got = [v for v in results[t.name][row.key] if v is not None]
+            n, kinds = len(t.stack), sorted(set(t.stack))
+            known = len(kinds) == 1 and kinds[0] in PER_FILTER_GOAL
+            goal = PER_FILTER_GOAL[kinds[0]] if known else None
+            if not known:
+                text = "-"
+            elif goal is None:
+                text = f"not below {EMPTY_STACK}'s lowest round"
+            else:
+                text = f"<= {goal * n:.0%}" + (f" ({goal:.0%} each)" if n > 1 else "")
+            e = Overhead(row.key, t.name, n, "+".join(kinds), text)
+            if base and got:
+                med = statistics.median(got)
+                e.ratio = med / statistics.median(base)  # every overhead row is a rate: higher is better
+                e.cost = 1 - e.ratio
+                e.cost_per_filter = e.cost / n
+                if known and goal is not None:
+                    e.verdict = "PASS" if e.cost <= goal * n else "MISS"
+                elif known:
+                    e.verdict = ("PASS" if med >= min(base) else "MISS") if len(base) > 1 else "n/a (1 round)"
+            entries.append(e)
+    return entries
+
+
+def overhead_section(
+    bench: Bench, results: dict[str, dict[str, list[float | None]]], entries: list[Overhead]
+) -> list[str]:
+    """The report's "Filter overhead" table and its verdict counts."""
+    if not entries:
+        return []
+    lines = [
+        f"Filter overhead: each filter stack's median against the empty stack's (`{EMPTY_STACK}`): "
+        f"ratio = stack/{EMPTY_STACK}, cost = 1 - ratio, per filter = cost / instances. Goals: one "
+        "passthrough instance costs at most 3% of the empty stack's throughput, five at most 15%; a request "
+        "no filter registered for (nullfilter registers none) pays nothing measurable: the stack's median "
+        f"is not below {EMPTY_STACK}'s lowest round (needs 2 rounds or more).",
+        "",
+        "| workload | unit | stack | instances | median | ratio | cost | per filter | goal | verdict |",
+        "|---|---|---|---|---:|---:|---:|---:|---|---|",
+    ]
+    rows = {row.key: row for row in table_rows(bench)}
+    for row in (rows[key] for key in dict.fromkeys(e.row for e in entries)):
+        mine = [e for e in entries if e.row == row.key]
+        base = [v for v in results[EMPTY_STACK][row.key] if v is not None]
+        lines.append(f"| {row.label} | {row.unit} | `{EMPTY_STACK}` (empty) | 0 | {cell(base)} | 1 | | | | |")
+        for e in mine:
+            got = [v for v in results[e.target][row.key] if v is not None]
+            numbers = "- | - | -"
+            if e.ratio is not None and e.cost is not None and e.cost_per_filter is not None:
+                numbers = f"{e.ratio:.3f} | {e.cost:.1%} | {e.cost_per_filter:.1%}"
+            lines.append(
+                f"| | | `{e.target}` | {e.instances} {e.filters} | {cell(got)} | {numbers} | {e.goal} | {e.verdict} |"
+            )
+    summary = []
+    for target in dict.fromkeys(e.target for e in entries):
+        verdicts = [e.verdict for e in entries if e.target == target]
+        counts = ", ".join(f"{verdicts.count(v)} {v}" for v in ("PASS", "MISS") if v in verdicts)
+        summary.append(f"`{target}` {counts or 'no verdict'}")
+    return [*lines, "", "Verdicts: " + "; ".join(summary) + "."]
+
+
 def report(
     bench: Bench,
     targets: list[Target],
     results: dict[str, dict[str, list[float | None]]],
     failures: list[str],
     started: datetime.datetime,
+    overhead: list[Overhead],
 ) -> str:
     a = bench.args
     fuse = [t for t in targets if t.template is not None]
@@ -755,13 +922,12 @@ def report(
         "Cells: median [min-max] over the rounds. Ratios: the target's median relative to raw's median "
         "(target/raw for rates, raw/target for seconds); 1.0 = as fast as raw ext4. MB = 10^6 bytes.",
         "",
+        *overhead_section(bench, results, overhead),
+        *([""] if overhead else []),
         "Command: `" + shlex.join(["scripts/bench.py", *sys.argv[1:]]) + "`",
         "",
         "Targets:",
-        *(
-            f"- `{t.name}`: " + ("the ext4 directory itself" if t.template is None else f"`{t.template}`")
-            for t in targets
-        ),
+        *(f"- `{t.name}`: {t.describe()}" for t in targets),
         *(f"- `{{{k}}}` = {bench.shown.get(k, v)}" for k, v in bench.values.items()),
         f"- versions: {versions(bench)}",
         "",
@@ -886,10 +1052,13 @@ def select_targets(bench: Bench) -> list[Target]:
                 log(f"could not fetch pyfuse3's passthroughfs.py: {exc}")
     targets = [Target(RAW, None)]
     for name in names:
-        target = Target(name, FUSE_TARGETS[name])
+        target = Target(name, FUSE_TARGETS[name], ATTACH.get(name, []))
         try:
             argv0 = target.argv(bench.values, "SRC", "MNT")[0]
             missing = None if shutil.which(argv0) else f"{argv0} is not installed"
+            fltmc = FLTMC.format_map(bench.values)
+            if not missing and target.fltfuse and not shutil.which(fltmc):
+                missing = f"{fltmc} is not installed"
         except KeyError as exc:
             missing = f"no value for {{{exc.args[0]}}}"
         if missing:
@@ -932,7 +1101,8 @@ def main(argv: list[str]) -> int:
             t.name: {row.key: [None] * a.rounds for row in table_rows(bench)} for t in targets
         }
         failures = measure(bench, targets, results)
-        text = report(bench, targets, results, failures, started)
+        overhead = filter_overhead(bench, targets, results)
+        text = report(bench, targets, results, failures, started, overhead)
         print(text)
         if a.out:
             with open(a.out, "w") as f:
@@ -946,8 +1116,10 @@ def main(argv: list[str]) -> int:
                     "config": {k: v for k, v in vars(a).items() if isinstance(v, int | float | str | list | None)},
                     "kernel": platform.release(),
                     "targets": {t.name: t.template for t in targets},
+                    "attach": {t.name: t.attach_commands() for t in targets if t.attach},
                     "units": {row.key: row.unit for row in table_rows(bench)},
                     "results": results,
+                    "filter_overhead": [asdict(e) for e in overhead],
                     "failures": failures,
                     "notes": bench.notes,
                 }
