@@ -86,32 +86,45 @@ class ControlServer:
             self.path.unlink(missing_ok=True)
 
     async def _connection(self, stream: trio.SocketStream) -> None:
-        async with stream:
-            pid, uid, _ = struct.unpack(
-                "3i", stream.socket.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-            )
-            peer = f"pid {pid} (uid {uid})"
-            if uid not in (0, os.geteuid()):
-                log.warning("control socket: refused %s: only root and uid %d may control filters", peer, os.geteuid())
-                await self._reply(stream, _failure(NtStatus.ACCESS_DENIED, "permission denied"))
+        """One client. Nothing it sends may take the daemon down: every failure ends only this connection."""
+        peer = "a client"
+        try:
+            async with stream:
+                pid, uid, _ = struct.unpack(
+                    "3i", stream.socket.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+                )
+                peer = f"pid {pid} (uid {uid})"
+                if uid not in (0, os.geteuid()):
+                    log.warning(
+                        "control socket: refused %s: only root and uid %d may control filters", peer, os.geteuid()
+                    )
+                    await self._reply(stream, _failure(NtStatus.ACCESS_DENIED, "permission denied"))
+                    return
+                await self._requests(stream, peer)
+        except Exception:
+            log.exception("control socket: connection of %s failed; disconnected", peer)
+
+    async def _requests(self, stream: trio.SocketStream, peer: str) -> None:
+        buffer = b""
+        while True:
+            try:
+                chunk = await stream.receive_some(MAX_LINE)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
                 return
-            buffer = b""
+            if not chunk:
+                return
+            buffer += chunk
             while True:
-                try:
-                    chunk = await stream.receive_some(MAX_LINE)
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    return
-                if not chunk:
-                    return
-                buffer += chunk
-                while b"\n" in buffer:
-                    line, buffer = buffer.split(b"\n", 1)
-                    reply, keep = await self._handle(line, peer)
-                    if not await self._reply(stream, reply) or not keep:
-                        return
-                if len(buffer) > MAX_LINE:
+                end = buffer.find(b"\n")
+                if end > MAX_LINE or (end < 0 and len(buffer) > MAX_LINE):
                     log.warning("control socket: %s sent a request over %d bytes; disconnected", peer, MAX_LINE)
                     await self._reply(stream, _failure(NtStatus.INVALID_PARAMETER, "request too long"))
+                    return
+                if end < 0:
+                    break
+                line, buffer = buffer[:end], buffer[end + 1 :]
+                reply, keep = await self._handle(line, peer)
+                if not await self._reply(stream, reply) or not keep:
                     return
 
     async def _handle(self, line: bytes, peer: str) -> tuple[dict[str, Any], bool]:
@@ -122,13 +135,14 @@ class ControlServer:
                 raise ValueError("a request is a JSON object")
             if request.get("v") != PROTOCOL_VERSION:
                 raise ValueError(f"protocol version {request.get('v')!r} (this daemon speaks {PROTOCOL_VERSION})")
-            op = self._ops.get(request.get("op"))  # type: ignore[arg-type]
+            name = request.get("op")
+            op = self._ops.get(name) if isinstance(name, str) else None
             if op is None:
-                raise ValueError(f"unknown op {request.get('op')!r}")
+                raise ValueError(f"unknown op {name!r}")
             args = request.get("args", {})
             if not isinstance(args, dict) or not all(isinstance(v, (str, bool, type(None))) for v in args.values()):
                 raise ValueError("args must be an object of strings and booleans")
-        except (ValueError, UnicodeDecodeError) as exc:
+        except (ValueError, RecursionError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
             log.warning("control socket: bad request from %s: %s; disconnected", peer, exc)
             return _failure(NtStatus.INVALID_PARAMETER, f"bad request: {exc}"), False
         try:
@@ -197,7 +211,10 @@ def request(path: str | os.PathLike[str], op: str, timeout: float = 120.0, **arg
             sock.connect(os.fspath(path))
         except (FileNotFoundError, ConnectionRefusedError) as exc:
             raise ControlError("CONNECTION_REFUSED", f"no daemon listens on {path}") from exc
-        sock.sendall(json.dumps({"v": PROTOCOL_VERSION, "op": op, "args": args}).encode() + b"\n")
+        try:
+            sock.sendall(json.dumps({"v": PROTOCOL_VERSION, "op": op, "args": args}).encode() + b"\n")
+        except BrokenPipeError:
+            pass  # the daemon refused us and hung up: its reply says why
         data = b""
         while not data.endswith(b"\n"):
             chunk = sock.recv(65536)

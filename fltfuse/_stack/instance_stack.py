@@ -199,7 +199,7 @@ class InstanceStack:
     def attach(self, instance: Instance, flags: InstanceSetupFlags = InstanceSetupFlags.MANUAL_ATTACHMENT) -> None:
         """Add ``instance`` at its altitude, if its filter's setup callback agrees.
 
-        Altitudes and instance names are unique per volume. Raises StackError
+        Altitudes and instance names (compared without case) are unique per volume. Raises StackError
         with FLT_DO_NOT_ATTACH if the setup callback declines (or raises).
         Requests already on their way keep the stack they started with.
         """
@@ -209,7 +209,7 @@ class InstanceStack:
                     NtStatus.FLT_INSTANCE_ALTITUDE_COLLISION,
                     f"altitude {instance.altitude} is taken by {other.filter.name}/{other.name}",
                 )
-            if other.name == instance.name:
+            if other.name.casefold() == instance.name.casefold():
                 raise StackError(
                     NtStatus.FLT_INSTANCE_NAME_COLLISION, f"an instance named {instance.name!r} is attached"
                 )
