@@ -74,6 +74,7 @@ _MORE_PROCESSING = PostopCallbackStatus.MORE_PROCESSING_REQUIRED
 _DRAINING = PostopFlags.DRAINING
 _DIRTY = int(CallbackDataFlags.DIRTY)
 _POST_OPERATION = int(CallbackDataFlags.POST_OPERATION)
+_new_tuple = tuple.__new__  # RelatedObjects without NamedTuple's Python-level __new__: one per callback
 
 
 class Backend(Protocol):
@@ -189,7 +190,7 @@ class InstanceStack:
     volume: VolumeProperties | None = None
     drain_timeout: float = 5.0
     instances: list[Instance] = field(default_factory=list)  # highest altitude first
-    _chains: dict[MajorFunction, tuple[tuple[Instance, Operation], ...]] = field(default_factory=dict)
+    _chains: dict[MajorFunction, tuple[tuple[Instance, Operation, Filter, Any], ...]] = field(default_factory=dict)
     _inflight: set[_Walk] = field(default_factory=set)
     _draining: int = 0
     _drained: trio.lowlevel.ParkingLot = field(default_factory=trio.lowlevel.ParkingLot)
@@ -345,10 +346,10 @@ class InstanceStack:
         return RelatedObjects(instance.filter, instance, self.volume, None)
 
     def _rebuild(self) -> None:
-        chains: dict[MajorFunction, list[tuple[Instance, Operation]]] = {}
+        chains: dict[MajorFunction, list[tuple[Instance, Operation, Filter, Any]]] = {}
         for instance in self.instances:
             for major, op in instance.filter.operations.items():
-                chains.setdefault(major, []).append((instance, op))
+                chains.setdefault(major, []).append((instance, op, instance.filter, instance.volume))
         self._chains = {major: tuple(chain) for major, chain in chains.items()}
 
     def bypasses_kernel_cache(self, major: MajorFunction) -> bool:
@@ -358,7 +359,7 @@ class InstanceStack:
         data unless an instance asked to see every LOOKUP, QUERY_INFORMATION,
         READ or WRITE.
         """
-        return any(op.flags & OperationFlags.BYPASS_KERNEL_CACHE for _, op in self._chains.get(major, ()))
+        return any(op.flags & OperationFlags.BYPASS_KERNEL_CACHE for _, op, _, _ in self._chains.get(major, ()))
 
     # -- the walk -------------------------------------------------------------------
 
@@ -369,7 +370,7 @@ class InstanceStack:
         else:
             await self._walk(cbd, chain)
 
-    async def _walk(self, cbd: CallbackData, chain: Iterable[tuple[Instance, Operation]]) -> None:
+    async def _walk(self, cbd: CallbackData, chain: Iterable[tuple[Instance, Operation, Filter, Any]]) -> None:
         original = cbd.iopb.parameters
         major = original.MAJOR
         file_object = cbd.iopb.target_file_object
@@ -378,17 +379,19 @@ class InstanceStack:
         self._inflight.add(walk)
         try:
             completed = False
-            for instance, op in chain:
-                params = cbd.iopb.parameters
-                objects = RelatedObjects(instance.filter, instance, instance.volume, file_object)
-                if op.pre is None:
+            iopb = cbd.iopb
+            for instance, op, filter_, volume in chain:
+                params = iopb.parameters
+                objects = _new_tuple(RelatedObjects, (filter_, instance, volume, file_object))
+                pre = op.pre
+                if pre is None:
                     frames.append((instance, op, None, params, objects))
                     continue
                 walk.at = instance
-                cbd.iopb.parameters = params.copy()  # what this instance may change
+                iopb.parameters = params.copy()  # what this instance may change
                 cbd.flags &= ~_DIRTY
                 try:
-                    result = await op.pre(cbd, objects) if op.pre_is_async else op.pre(cbd, objects)  # type: ignore[misc]
+                    result = await pre(cbd, objects) if op.pre_is_async else pre(cbd, objects)  # type: ignore[misc]
                 except Exception as exc:
                     result = self._failed(instance, cbd, f"pre-operation callback raised {exc!r}", exc)
                 if result.__class__ is tuple:
