@@ -399,7 +399,9 @@ class InstanceStack:
                 else:
                     status, context = result, None
                 if status is _PENDING:
-                    status, context = await pending.park(cbd, "pre-operation", pending.watches_caller(cbd))
+                    status, context = await pending.park(
+                        cbd, "pre-operation", pending.watches_caller(cbd), _holder(instance)
+                    )
                 if not (
                     status is _WITH_CALLBACK or status is _NO_CALLBACK or status is _COMPLETE or status is _SYNCHRONIZE
                 ):
@@ -500,7 +502,7 @@ class InstanceStack:
     async def _post_status(self, instance: Instance, cbd: CallbackData, status: Any) -> None:
         """A post returned something other than FINISHED_PROCESSING."""
         if status is _MORE_PROCESSING:
-            status, _ = await pending.park(cbd, "post-operation", False)
+            status, _ = await pending.park(cbd, "post-operation", False, _holder(instance))
         if status is not _FINISHED:
             self._bug(instance, cbd, f"post-operation callback returned {status!r}")
 
@@ -523,3 +525,7 @@ class InstanceStack:
         if self.verifier and not contain:
             raise VerifierError(message) from exc
         log.error("filter bug: %s", message, exc_info=exc)
+
+
+def _holder(instance: Instance) -> str:
+    return f"filter {instance.filter.name} (instance {instance.name})"

@@ -31,6 +31,7 @@ Contracts:
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -43,6 +44,9 @@ from .._registration import PostopCallbackStatus, PreopCallbackStatus
 from .._status import NtStatus
 
 WATCH_INTERVAL = 0.02  # seconds between looks at a pended request's caller
+REPORT_AFTER = 30.0  # seconds a request may stay pended before each warning naming its filter
+
+log = logging.getLogger("fltfuse.stack")
 
 _lock = threading.Lock()  # guards Pended state shared with worker threads; taken only on the pending path
 _SIGKILL_BIT = 1 << 8
@@ -73,10 +77,12 @@ def _record(cbd: CallbackData) -> Pended:
     return pended  # type: ignore[no-any-return]
 
 
-async def park(cbd: CallbackData, waiting: str, watch: bool) -> tuple[Any, Any]:
+async def park(cbd: CallbackData, waiting: str, watch: bool, holder: str) -> tuple[Any, Any]:
     """Wait until the pended ``waiting`` operation of ``cbd`` is completed; return (status, context).
 
-    ``watch``: cancel through the filter's cancel routine when the caller is interrupted.
+    ``watch``: cancel through the filter's cancel routine when the caller is
+    interrupted. ``holder`` names the filter and instance for the warning
+    logged every :data:`REPORT_AFTER` seconds the request stays pended.
     """
     with _lock:
         pended = _record(cbd)
@@ -91,13 +97,23 @@ async def park(cbd: CallbackData, waiting: str, watch: bool) -> tuple[Any, Any]:
         if watch:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_watch_caller, cbd, pended)
-                await event.wait()
+                await _wait(event, cbd, waiting, holder)
                 nursery.cancel_scope.cancel()
         else:
-            await event.wait()
+            await _wait(event, cbd, waiting, holder)
     finally:
         cbd.pended = None
     return pended.status, pended.context
+
+
+async def _wait(event: trio.Event, cbd: CallbackData, waiting: str, holder: str) -> None:
+    waited = 0.0
+    while True:
+        with trio.move_on_after(REPORT_AFTER):
+            await event.wait()
+            return
+        waited += REPORT_AFTER
+        log.warning("%s has kept %r pended (%s) for %.0f s and not completed it", holder, cbd, waiting, waited)
 
 
 def resume(cbd: CallbackData, waiting: str, status: Any, context: Any) -> None:

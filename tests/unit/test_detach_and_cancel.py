@@ -390,3 +390,19 @@ async def test_the_queue_never_completes_a_request_twice(driver: Driver) -> None
     assert read.io_status.status is NtStatus.SUCCESS and bytes(read.iopb.parameters.data) == b"abc"
     with pytest.raises(KeyError):
         queue.remove(read)
+
+
+async def test_a_request_pended_too_long_is_reported_with_its_filter_while_it_waits(
+    driver: Driver, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(pending, "REPORT_AFTER", 0.05)
+    (driver.root / "x").write_text("")
+    trace = Trace()
+    attach(driver, (trace.filter("slowpoke", pend=True), "300000"))
+    with caplog.at_level(logging.WARNING, logger="fltfuse.stack"):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(driver.send, LookupParameters(ROOT_INODE, b"x"))
+            await wait_for(lambda: "has kept" in caplog.text)
+            complete_pended_preoperation(trace.parked["slowpoke"][0], NO)
+    assert "filter slowpoke (instance slowpoke) has kept CallbackData(LOOKUP" in caplog.text
+    assert driver.sent[0].io_status.status is NtStatus.SUCCESS
