@@ -74,12 +74,23 @@ class PostopFlags(enum.IntFlag):
 
 
 class OperationFlags(enum.IntFlag):
-    """FLTFL_OPERATION_REGISTRATION_*: I/O a filter does not want to see.
+    """FLTFL_OPERATION_REGISTRATION_*: READ and WRITE a filter does not want to see.
 
-    On Linux: paging I/O is page-cache writeback and mmap (the kernel's
-    FUSE_WRITE_CACHE writes); cached I/O is buffered read(2)/write(2); non-cached
-    non-paging I/O is O_DIRECT. (The SKIP_* flags are accepted; which requests
-    they skip is decided when the I/O kind is known to the callback data.)
+    Filters sit below the kernel's page cache (on Windows they sit above the
+    cache manager), so the I/O kinds map like this:
+
+    * cached I/O (a read(2) the page cache answers) never reaches a filter:
+      SKIP_CACHED_IO has nothing to skip;
+    * paging I/O is what the page cache sends down: READ and WRITE on a handle
+      opened for cached I/O (page fills, readahead, write-through and mmap
+      writeback). SKIP_PAGING_IO skips them;
+    * non-cached non-paging I/O is READ and WRITE on a handle opened with
+      O_DIRECT, or for direct I/O because an instance asked for
+      BYPASS_KERNEL_CACHE: each is one read(2)/write(2) of the caller.
+      SKIP_NON_CACHED_NON_PAGING_IO skips them;
+    * there are no volume (DASD) opens: SKIP_NON_DASD_IO skips every READ and WRITE.
+
+    The flags apply to READ and WRITE only, as on Windows.
     """
 
     NONE = 0

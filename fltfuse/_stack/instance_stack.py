@@ -74,6 +74,9 @@ _MORE_PROCESSING = PostopCallbackStatus.MORE_PROCESSING_REQUIRED
 _DRAINING = PostopFlags.DRAINING
 _DIRTY = int(CallbackDataFlags.DIRTY)
 _POST_OPERATION = int(CallbackDataFlags.POST_OPERATION)
+_IO = frozenset({MajorFunction.READ, MajorFunction.WRITE})
+_SKIP_CACHED = OperationFlags.SKIP_PAGING_IO | OperationFlags.SKIP_NON_DASD_IO  # page-cache traffic is paging I/O
+_SKIP_UNCACHED = OperationFlags.SKIP_NON_CACHED_NON_PAGING_IO | OperationFlags.SKIP_NON_DASD_IO
 _new_tuple = tuple.__new__  # RelatedObjects without NamedTuple's Python-level __new__: one per callback
 
 
@@ -191,6 +194,10 @@ class InstanceStack:
     drain_timeout: float = 5.0
     instances: list[Instance] = field(default_factory=list)  # highest altitude first
     _chains: dict[MajorFunction, tuple[tuple[Instance, Operation, Filter, Any], ...]] = field(default_factory=dict)
+    # READ and WRITE by whether the handle is uncached: the chains after the SKIP_* flags
+    _io_chains: dict[tuple[MajorFunction, bool], tuple[tuple[Instance, Operation, Filter, Any], ...]] = field(
+        default_factory=dict
+    )
     _inflight: set[_Walk] = field(default_factory=set)
     _draining: int = 0
     _drained: trio.lowlevel.ParkingLot = field(default_factory=trio.lowlevel.ParkingLot)
@@ -351,6 +358,13 @@ class InstanceStack:
             for major, op in instance.filter.operations.items():
                 chains.setdefault(major, []).append((instance, op, instance.filter, instance.volume))
         self._chains = {major: tuple(chain) for major, chain in chains.items()}
+        self._io_chains = {}
+        for major in _IO:
+            for uncached in (False, True):
+                skip = _SKIP_UNCACHED if uncached else _SKIP_CACHED
+                chain = tuple(entry for entry in chains.get(major, ()) if not entry[1].flags & skip)
+                if chain:
+                    self._io_chains[major, uncached] = chain
 
     def bypasses_kernel_cache(self, major: MajorFunction) -> bool:
         """Whether an attached instance registered ``major`` with ``BYPASS_KERNEL_CACHE``.
@@ -364,7 +378,11 @@ class InstanceStack:
     # -- the walk -------------------------------------------------------------------
 
     async def dispatch(self, cbd: CallbackData) -> None:
-        chain = self._chains.get(cbd.iopb.parameters.MAJOR)
+        major = cbd.iopb.parameters.MAJOR
+        if major in _IO:  # which instances see it depends on the handle's I/O kind (the SKIP_* flags)
+            chain = self._io_chains.get((major, cbd.iopb.target_file_object.uncached))
+        else:
+            chain = self._chains.get(major)
         if chain is None:
             await self.backend.dispatch(cbd)
         else:

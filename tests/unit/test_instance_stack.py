@@ -505,3 +505,35 @@ def test_instance_callbacks_must_be_plain_functions() -> None:
 
     with pytest.raises(RegistrationError, match="instance_setup: must be a plain function"):
         Filter("f", FilterRegistration(instance_setup=setup))
+
+
+async def test_skip_flags_choose_by_the_handles_io_kind(driver: Driver) -> None:
+    """Page-cache traffic is paging I/O; O_DIRECT (or direct I/O) is non-cached non-paging I/O."""
+    from fltfuse import FileObject, OperationFlags
+
+    seen: list[tuple[str, bool]] = []
+
+    def watcher(name: str, flags: OperationFlags) -> Filter:
+        def pre(cbd: CallbackData, objects: Any) -> PreopCallbackStatus:
+            seen.append((name, cbd.iopb.target_file_object.uncached))
+            return NO
+
+        return Filter(
+            name, FilterRegistration(operations=(OperationRegistration(MajorFunction.READ, pre, None, flags),))
+        )
+
+    stack_of(
+        driver,
+        (watcher("all", OperationFlags.NONE), "300000"),
+        (watcher("no-paging", OperationFlags.SKIP_PAGING_IO), "200000"),
+        (watcher("no-direct", OperationFlags.SKIP_NON_CACHED_NON_PAGING_IO), "100000"),
+        (watcher("no-dasd", OperationFlags.SKIP_NON_DASD_IO), "50000"),
+    )
+    (driver.root / "f").write_bytes(b"x" * 4096)
+    ino, handle = await open_file(driver, "f")
+    for flags in (os.O_RDONLY, os.O_RDONLY | os.O_DIRECT):
+        fo = FileObject(ino, handle, flags)
+        cbd = CallbackData(fo, ReadParameters(0, 4096), driver.me)
+        await driver.stack.dispatch(cbd)
+        assert cbd.io_status.status is NtStatus.SUCCESS
+    assert seen == [("all", False), ("no-direct", False), ("all", True), ("no-paging", True)]
