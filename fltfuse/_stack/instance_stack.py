@@ -420,6 +420,8 @@ class InstanceStack:
                     status, context = await pending.park(
                         cbd, "pre-operation", pending.watches_caller(cbd), _holder(instance)
                     )
+                elif cbd.pended is not None:
+                    self._not_pended(instance, cbd)
                 if not (
                     status is _WITH_CALLBACK or status is _NO_CALLBACK or status is _COMPLETE or status is _SYNCHRONIZE
                 ):
@@ -480,6 +482,11 @@ class InstanceStack:
             self._inflight.discard(walk)
             if self._draining:
                 self._drained.unpark_all()
+
+    def _not_pended(self, instance: Instance, cbd: CallbackData) -> None:
+        """A pre returned without PENDING but left pending state: drop it; a completion there is a bug."""
+        if pending.discard(cbd):
+            self._bug(instance, cbd, "completed a pended operation it did not pend (or completed one twice)")
 
     def _failed(
         self, instance: Instance, cbd: CallbackData, what: str, exc: BaseException | None

@@ -136,6 +136,14 @@ def resume(cbd: CallbackData, waiting: str, status: Any, context: Any) -> None:
         event.set()
 
 
+def discard(cbd: CallbackData) -> bool:
+    """Forget pending state a callback left without pending (e.g. a cancel routine set before it
+    decided to complete the request itself). True if it held a completion: a filter bug."""
+    with _lock:
+        pended, cbd.pended = cbd.pended, None
+        return isinstance(pended, Pended) and pended.done
+
+
 def is_pended(cbd: CallbackData, waiting: str) -> bool:
     """Whether ``cbd`` is parked at a ``waiting`` operation that nobody has completed yet."""
     pended = cbd.pended

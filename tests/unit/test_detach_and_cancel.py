@@ -39,7 +39,7 @@ from fltfuse._registration import (
     PostopFlags,
     PreopCallbackStatus,
 )
-from fltfuse._stack import Filter, Instance, InstanceStack, pending
+from fltfuse._stack import Filter, Instance, InstanceStack, VerifierError, pending
 
 from .conftest import Driver
 
@@ -406,3 +406,15 @@ async def test_a_request_pended_too_long_is_reported_with_its_filter_while_it_wa
             complete_pended_preoperation(trace.parked["slowpoke"][0], NO)
     assert "filter slowpoke (instance slowpoke) has kept CallbackData(LOOKUP" in caplog.text
     assert driver.sent[0].io_status.status is NtStatus.SUCCESS
+
+
+async def test_a_completion_for_a_request_that_was_not_pended_is_a_filter_bug(driver: Driver) -> None:
+    def pre(cbd: CallbackData, objects: Any) -> PreopCallbackStatus:
+        complete_pended_preoperation(cbd, NO)  # ...and then does not return PENDING
+        return NO
+
+    flt = Filter("confused", FilterRegistration(operations=(OperationRegistration(MajorFunction.LOOKUP, pre),)))
+    attach(driver, (flt, "1"))
+    (driver.root / "x").write_text("")
+    with pytest.raises(VerifierError, match=r"filter confused .* completed a pended operation it did not pend"):
+        await driver.send(LookupParameters(ROOT_INODE, b"x"))
