@@ -57,5 +57,5 @@ REGISTRATION = FilterRegistration(
         OperationRegistration(major, pre, post)
         for major in sorted(FUSE_PRODUCES)
         if major is not MajorFunction.FORGET  # FORGET is no request a filter can see
-    )
+    ),
 )

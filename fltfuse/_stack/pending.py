@@ -311,6 +311,7 @@ class CancelSafeQueue:
                 if queued is cbd:
                     del self._items[i]
                     break
-            else:
-                return  # a worker took it first and completes it
+            # Not found: remove_next()/remove() met it after its cancellation began (their
+            # clear_cancel_completion() said False) and dropped it. A worker that took it
+            # first would have cleared the cancel routine, and this would not run: it is ours.
         self._on_cancel(cbd)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
@@ -50,7 +50,8 @@ class InProcessVolume:
 
     ``filters`` are filter names (found like ``fltfuse mount --filter``, also in
     ``filter_path``), :class:`~fltfuse.Instance` objects, or ``(Filter,
-    altitude)`` pairs. ``verifier`` (on by default) makes a filter's rule
+    altitude)`` pairs. ``parameters`` overrides named filters' INF parameters
+    (``{"name": {"KEY": "VALUE"}}``, as ``--param name.KEY=VALUE``). ``verifier`` (on by default) makes a filter's rule
     violation raise :class:`~fltfuse.VerifierError` in the test.
     """
 
@@ -61,13 +62,15 @@ class InProcessVolume:
         *,
         filter_path: Sequence[str | os.PathLike[str]] = (),
         verifier: bool = True,
+        parameters: Mapping[str, Mapping[str, str]] | None = None,
     ):
         self.directory = Path(directory)
         self._backend = PassthroughBackend(str(directory))
         volume = VolumeProperties("directory", None, "<in-process>", str(directory))
         self.stack = InstanceStack(self._backend, verifier=verifier, volume=volume)
+        overrides = {name.lower(): dict(values) for name, values in (parameters or {}).items()}
         for spec in filters:
-            for instance in self._instances(spec, filter_path):
+            for instance in self._instances(spec, filter_path, overrides):
                 self.stack.attach(instance, InstanceSetupFlags.AUTOMATIC_ATTACHMENT)
         self._adapter = KernelAdapter(self.stack, self._backend)
         self._caller = _Caller(os.getpid(), os.geteuid(), os.getegid(), 0o022)
@@ -75,14 +78,16 @@ class InProcessVolume:
 
     @staticmethod
     def _instances(
-        spec: str | Instance | tuple[Filter, str | Decimal], filter_path: Sequence[str | os.PathLike[str]]
+        spec: str | Instance | tuple[Filter, str | Decimal],
+        filter_path: Sequence[str | os.PathLike[str]],
+        parameters: Mapping[str, Mapping[str, str]],
     ) -> list[Instance]:
         if isinstance(spec, Instance):
             return [spec]
         if isinstance(spec, tuple):
             filter_, altitude = spec
             return [Instance(filter_, f"{filter_.name} Instance", Decimal(altitude))]
-        return _loader.load([spec], filter_path)
+        return _loader.load([spec], filter_path, parameters)
 
     async def __aenter__(self) -> InProcessVolume:
         return self

@@ -17,7 +17,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,14 +76,26 @@ def _fltfuse(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def mount(
-    source: str, mountpoint: str, *options: str, filters: tuple[str, ...] = (), filter_path: tuple[str, ...] = ()
+    source: str,
+    mountpoint: str,
+    *options: str,
+    filters: tuple[str, ...] = (),
+    filter_path: tuple[str, ...] = (),
+    parameters: Mapping[str, Mapping[str, str]] | None = None,
 ) -> MountedVolume:
-    """Mount ``source`` at ``mountpoint`` with ``filters`` attached, in the background; describe the live mount."""
+    """Mount ``source`` at ``mountpoint`` with ``filters`` attached, in the background; describe the live mount.
+
+    ``parameters`` overrides filters' INF parameters: ``{"name": {"KEY": "VALUE"}}`` (``--param name.KEY=VALUE``).
+    """
+    params = [
+        f"--param={name}.{key}={value}" for name, values in (parameters or {}).items() for key, value in values.items()
+    ]
     _fltfuse(
         "mount",
         *(f"-o{o}" for o in options),
         *(f"--filter={f}" for f in filters),
         *(f"--filter-path={d}" for d in filter_path),
+        *params,
         source,
         mountpoint,
     )
@@ -102,6 +114,7 @@ def mounted_volume(
     options: tuple[str, ...] = (),
     filters: tuple[str, ...] = (),
     filter_path: tuple[str, ...] = (),
+    parameters: Mapping[str, Mapping[str, str]] | None = None,
 ) -> Iterator[MountedVolume]:
     """A fresh ext4 image in ``directory``, mounted at ``directory/mnt`` (with ``filters``) for the ``with`` body."""
     directory = Path(directory)
@@ -109,7 +122,7 @@ def mounted_volume(
     mountpoint = directory / "mnt"
     mountpoint.mkdir(parents=True, exist_ok=True)
     _volume.create_image(image, _volume.parse_size(size), force=True, inodes=inodes)
-    vol = mount(image, str(mountpoint), *options, filters=filters, filter_path=filter_path)
+    vol = mount(image, str(mountpoint), *options, filters=filters, filter_path=filter_path, parameters=parameters)
     try:
         yield vol
     finally:

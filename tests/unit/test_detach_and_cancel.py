@@ -418,3 +418,27 @@ async def test_a_completion_for_a_request_that_was_not_pended_is_a_filter_bug(dr
     (driver.root / "x").write_text("")
     with pytest.raises(VerifierError, match=r"filter confused .* completed a pended operation it did not pend"):
         await driver.send(LookupParameters(ROOT_INODE, b"x"))
+
+
+async def test_a_worker_that_meets_a_request_being_cancelled_leaves_it_to_the_cancel_routine(driver: Driver) -> None:
+    """The race between cancel() and remove_next(): exactly one side completes the request."""
+    queue = CancelSafeQueue()
+
+    def pre(cbd: CallbackData, objects: Any) -> PreopCallbackStatus:
+        queue.insert(cbd)
+        return PENDING
+
+    attach(
+        driver, (Filter("q", FilterRegistration(operations=(OperationRegistration(MajorFunction.LOOKUP, pre),))), "1")
+    )
+    (driver.root / "x").write_text("")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(driver.send, LookupParameters(ROOT_INODE, b"x"))
+        await wait_for(lambda: len(queue) == 1)
+        (cbd,) = driver.sent
+        with pending._lock:  # cancel(), first half: the cancellation has begun
+            cbd.pended.cancelled = True
+            routine, cbd.pended.cancel_routine = cbd.pended.cancel_routine, None
+        assert queue.remove_next() is None  # the worker must not take it
+        routine(cbd)  # cancel(), second half
+    assert cbd.io_status.status is NtStatus.CANCELLED and len(queue) == 0
