@@ -291,30 +291,30 @@ def pre_read(cbd: CallbackData, objects: RelatedObjects) -> PreopCallbackStatus:
 def post_create(cbd: CallbackData, objects: RelatedObjects, context: Any, flags: PostopFlags) -> PostopCallbackStatus:
     """A new object (file, directory, node, symlink) in a tracked directory is tracked too."""
     p = cbd.iopb.parameters
-    state = _STATES.get(objects.instance)
-    if (
-        state is not None
-        and not flags & PostopFlags.DRAINING
-        and cbd.io_status.status == NtStatus.SUCCESS
-        and isinstance(p, CreateParameters)
-        and p.disposition in _NEW_OBJECT
-    ):
-        state.learn(p.parent, p.name, p.attributes)
+    if isinstance(p, CreateParameters) and p.disposition in _NEW_OBJECT:
+        _learn(cbd, objects, flags, p.parent, p.name, p.attributes)
     return PostopCallbackStatus.FINISHED_PROCESSING
 
 
 def post_lookup(cbd: CallbackData, objects: RelatedObjects, context: Any, flags: PostopFlags) -> PostopCallbackStatus:
     """A name found in a tracked directory (made behind the filter's back, or moved there) is tracked too."""
     p = cbd.iopb.parameters
-    state = _STATES.get(objects.instance)
-    if (
-        state is not None
-        and not flags & PostopFlags.DRAINING
-        and cbd.io_status.status == NtStatus.SUCCESS
-        and isinstance(p, LookupParameters)
-    ):
-        state.learn(p.parent, p.name, p.attributes)
+    if isinstance(p, LookupParameters):
+        _learn(cbd, objects, flags, p.parent, p.name, p.attributes)
     return PostopCallbackStatus.FINISHED_PROCESSING
+
+
+def _learn(
+    cbd: CallbackData,
+    objects: RelatedObjects,
+    flags: PostopFlags,
+    parent: int,
+    name: bytes,
+    attributes: FileAttributes | None,
+) -> None:
+    state = _STATES.get(objects.instance)
+    if state is not None and not flags & PostopFlags.DRAINING and cbd.io_status.status == NtStatus.SUCCESS:
+        state.learn(parent, name, attributes)
 
 
 # -- instance and filter callbacks ------------------------------------------------------------
