@@ -65,6 +65,9 @@ from ._stack import (
     complete_cancelled,
     complete_pended_postoperation,
     complete_pended_preoperation,
+    do_completion_processing_when_safe,
+    queue_deferred_io_work_item,
+    queue_generic_work_item,
     set_cancel_completion,
 )
 from ._status import NtStatus, errno_from_status, status_from_errno
@@ -129,7 +132,10 @@ __all__ = [
     "complete_cancelled",
     "complete_pended_postoperation",
     "complete_pended_preoperation",
+    "do_completion_processing_when_safe",
     "errno_from_status",
+    "queue_deferred_io_work_item",
+    "queue_generic_work_item",
     "set_cancel_completion",
     "status_from_errno",
 ]

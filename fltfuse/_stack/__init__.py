@@ -5,7 +5,8 @@ same way: ``await stack.dispatch(cbd)``. The stack runs the pre-operation
 callbacks of the attached instances from the highest altitude down, the backend
 at the bottom, and the post-operation callbacks back up. It knows nothing of
 FUSE. ``pending`` holds what a pended request needs: completion from any task
-or thread, cancellation, and the cancel-safe queue.
+or thread, cancellation, and the cancel-safe queue; ``work_items`` moves a
+filter's slow work off the request path.
 
 Windows counterpart: the frame of FltMgr that holds the instances attached to
 one volume.
@@ -30,6 +31,7 @@ from .pending import (
     complete_pended_preoperation,
     set_cancel_completion,
 )
+from .work_items import do_completion_processing_when_safe, queue_deferred_io_work_item, queue_generic_work_item
 
 __all__ = [
     "Backend",
@@ -44,5 +46,8 @@ __all__ = [
     "complete_cancelled",
     "complete_pended_postoperation",
     "complete_pended_preoperation",
+    "do_completion_processing_when_safe",
+    "queue_deferred_io_work_item",
+    "queue_generic_work_item",
     "set_cancel_completion",
 ]

@@ -13,17 +13,24 @@ The walk, exactly as Filter Manager does it:
   every post runs in the request's own trio task; COMPLETE ends the
   descent (the filter set ``io_status``; nothing below sees the request and
   only the posts above it run), PENDING parks the request until
-  :func:`complete_pended_preoperation` gives the final decision;
+  ``complete_pended_preoperation`` gives the final decision (``pending.py``);
 * the backend performs the request;
 * post-operation callbacks run from the lowest altitude up, only for instances
   that asked; MORE_PROCESSING_REQUIRED parks completion until
-  :func:`complete_pended_postoperation`.
+  ``complete_pended_postoperation``.
 
 The dirty rule: each instance's pre gets a copy of the parameters it may
 change; the changes go down only if it calls ``cbd.set_dirty()``, and its post
 (and every instance above) sees the parameters as they were before. Output
 fields (``Parameters.OUTPUTS``) are carried back up to each instance's copy.
 ``io_status`` is shared and needs no dirty flag.
+
+Changing the stack while requests flow: ``attach`` and ``detach`` take effect
+for requests that start afterwards; a request keeps the chain it started with.
+``detach`` drains: the instance's owed posts run at once with DRAINING, and
+requests it still holds after ``drain_timeout`` are reported and cancelled
+(see ``InstanceStack.detach``). READ and WRITE have one chain per I/O kind of
+the handle, after the instances' SKIP_* flags.
 
 Containment: a callback that raises, returns something that is not a status,
 or breaks a rule is a filter bug. It is logged with the filter, the instance
