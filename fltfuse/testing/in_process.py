@@ -30,7 +30,7 @@ from .. import _loader
 from .._backend import ROOT_INODE, PassthroughBackend
 from .._callback_data import CallbackData, DirectoryControlParameters, FileObject, Requestor
 from .._kernel import KernelAdapter
-from .._registration import InstanceSetupFlags
+from .._registration import FilterUnloadFlags, InstanceSetupFlags, InstanceTeardownFlags
 from .._stack import Filter, Instance, InstanceStack
 from .._volume import VolumeProperties
 
@@ -93,10 +93,21 @@ class InProcessVolume:
         return self
 
     async def __aexit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Unmount while requests may be in flight: detach every instance as a daemon does on SIGTERM
+        (teardown with VOLUME_DISMOUNT, draining what each holds), then close."""
+        filters = list(dict.fromkeys(instance.filter for instance in self.stack.instances))
+        for instance in list(self.stack.instances):
+            await self.stack.detach(instance, InstanceTeardownFlags.VOLUME_DISMOUNT)
         self.close()
+        for filter_ in filters:
+            if not filter_.unloaded:
+                filter_.unload(FilterUnloadFlags.MANDATORY)
 
     def close(self) -> None:
-        """Unmount: forget what was looked up, tear the instances down, release descriptors."""
+        """Unmount with nothing in flight: forget what was looked up, tear the instances down, release descriptors."""
         self._backend_forget()
         self.stack.dismount()
         self._backend.close()
