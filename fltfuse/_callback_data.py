@@ -308,14 +308,15 @@ class Parameters:
     OUTPUTS: ClassVar[tuple[str, ...]]
 
     def copy(self) -> Parameters:
-        """A shallow copy (what an instance may change before passing the request down)."""
-        copier = _COPIERS.get(type(self))
-        if copier is None:
-            copier = _COPIERS[type(self)] = _make_copier(type(self))
+        """A shallow copy (what an instance may change before passing the request down).
+
+        The first call on a class replaces this method with a copier generated
+        for the class's fields, so later calls are one plain function call.
+        """
+        cls = type(self)
+        copier = _make_copier(cls)
+        cls.copy = copier  # type: ignore[method-assign,assignment]
         return copier(self)
-
-
-_COPIERS: dict[type[Parameters], Callable[[Parameters], Parameters]] = {}
 
 
 def _make_copier(cls: type[Parameters]) -> Callable[[Parameters], Parameters]:
