@@ -173,7 +173,10 @@ class ControlServer:
 
     async def _load(self, args: dict[str, Any]) -> Any:
         async with self._changing:
-            return self.manager.load(_text(args, "name")).filter.name
+            name = _text(args, "name")
+            loaded = await trio.to_thread.run_sync(self.manager.prepare, name)  # importing may be slow
+            self.manager.start(loaded)
+            return loaded.filter.name
 
     async def _unload(self, args: dict[str, Any]) -> Any:
         async with self._changing:

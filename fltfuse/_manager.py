@@ -70,6 +70,7 @@ class FilterManager:
         if key in self.loaded:
             raise ManagerError(NtStatus.OBJECT_NAME_COLLISION, f"filter {loaded.filter.name} is already loaded")
         self.loaded[key] = loaded
+        log.info("loaded filter %s from %s", loaded.inf.name, loaded.inf.path)
         instance = _loader.default_instance(loaded.filter, loaded.inf)
         if instance is None:
             return
@@ -83,6 +84,16 @@ class FilterManager:
 
     def load(self, name: str) -> LoadedFilter:
         """fltmc load: find the filter's INF, import its module, attach its default instance."""
+        loaded = self.prepare(name)
+        self.start(loaded)
+        return loaded
+
+    def prepare(self, name: str) -> LoadedFilter:
+        """The first half of ``load``: find the INF, import the module, validate the registration.
+
+        It touches no state of the manager, so it may run in a worker thread
+        (a slow import then does not stall requests).
+        """
         if name.lower() in self.loaded:
             raise ManagerError(NtStatus.OBJECT_NAME_COLLISION, f"filter {name} is already loaded")
         try:
@@ -91,10 +102,7 @@ class FilterManager:
             raise ManagerError(NtStatus.FLT_FILTER_NOT_FOUND, str(exc)) from exc
         if inf.start_type == StartType.DISABLED:
             raise ManagerError(NtStatus.FLT_FILTER_NOT_FOUND, f"{inf.path}: {inf.name} is disabled (StartType 4)")
-        loaded = _loader.load_filter(inf, self.parameters.get(inf.name.lower(), {}))
-        self.start(loaded)
-        log.info("loaded filter %s from %s", inf.name, inf.path)
-        return loaded
+        return _loader.load_filter(inf, self.parameters.get(inf.name.lower(), {}))
 
     async def unload(self, name: str, *, mandatory: bool = False) -> None:
         """fltmc unload: ask the filter (its unload callback may refuse unless ``mandatory``), then

@@ -1055,3 +1055,32 @@ def test_sigterm_with_a_request_held_forever(scratch: Path) -> None:
         assert VolumeState.load(mnt) is None
         attached = subprocess.run(["losetup", "-j", vol.image], capture_output=True, text=True).stdout
         assert attached == ""
+
+
+def test_a_slow_filter_import_does_not_stall_the_mount(volumes: Volumes) -> None:
+    """fltmc load imports the module in a worker thread: requests keep being answered meanwhile."""
+    b = volumes.b
+    began = time.monotonic()
+    loader = subprocess.Popen(
+        [sys.executable, "-m", "fltfuse.fltmc", "load", "fltmctest_slowimport", b.mountpoint],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        slowest, served = 0.0, 0
+        while loader.poll() is None:
+            start = time.monotonic()
+            serves(b, "during-import")
+            slowest, served = max(slowest, time.monotonic() - start), served + 1
+        _, err = loader.communicate(timeout=30)
+        assert loader.returncode == 0, err
+        assert time.monotonic() - began >= 3.0  # the import's sleep happened while we were serving
+        assert slowest < 1.0, f"a request waited {slowest:.1f} s for the import"
+        assert served > 10
+        names = [row[3] for row in parse_table(fltmc("instances", b.mountpoint).stdout)[1]]
+        assert names.count("SlowImport Instance") == 1
+    finally:
+        loader.kill()
+        loader.wait()
+        _unload_quietly(b, "fltmctest_slowimport")
