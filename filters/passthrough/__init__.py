@@ -3,8 +3,10 @@
 Design and operation: as Windows' passThrough sample, every callback returns
 at once (the pre asks for its post; the post finishes), so the difference
 between a volume with and without it is the cost of one filter in the request
-path: the benchmark's per-filter overhead reference. ``COUNTS`` holds how many
-pre and post callbacks ran per major function (one counter for all instances).
+path: the benchmark's per-filter overhead reference. ``PRE_CALLS`` and
+``POST_CALLS`` count the callbacks per major function (for all instances
+together), as plain dictionaries: a ``Counter`` with tuple keys cost more
+than the rest of the callback.
 Any instance may be detached (``fltmc detach``) and the filter unloaded
 (``fltmc unload``) at any time; several instances may be attached at
 different altitudes (``fltmc attach passthrough VOL -i NAME -a ALTITUDE``),
@@ -13,7 +15,6 @@ which is how the benchmark builds a stack of five.
 
 from __future__ import annotations
 
-from collections import Counter
 from typing import Any
 
 from fltfuse import (
@@ -29,16 +30,17 @@ from fltfuse import (
     PreopCallbackStatus,
 )
 
-COUNTS: Counter[tuple[MajorFunction, str]] = Counter()
+PRE_CALLS: dict[MajorFunction, int] = dict.fromkeys(MajorFunction, 0)
+POST_CALLS: dict[MajorFunction, int] = dict.fromkeys(MajorFunction, 0)
 
 
 def pre(cbd: CallbackData, objects: Any) -> PreopCallbackStatus:
-    COUNTS[cbd.iopb.major_function, "pre"] += 1
+    PRE_CALLS[cbd.iopb.parameters.MAJOR] += 1
     return PreopCallbackStatus.SUCCESS_WITH_CALLBACK
 
 
 def post(cbd: CallbackData, objects: Any, context: Any, flags: PostopFlags) -> PostopCallbackStatus:
-    COUNTS[cbd.iopb.major_function, "post"] += 1
+    POST_CALLS[cbd.iopb.parameters.MAJOR] += 1
     return PostopCallbackStatus.FINISHED_PROCESSING
 
 
