@@ -346,7 +346,10 @@ class CreateParameters(Parameters):
     """CREATE: open(2), creat(2), mkdir(2), mknod(2), symlink(2), opendir(3).
 
     For ``disposition`` OPEN and OVERWRITE the target is ``FileObject.inode`` and
-    ``parent``/``name`` are unset; otherwise the object ``name`` is made in ``parent``.
+    ``parent``/``name`` are unset; otherwise the object ``name`` is made in ``parent``
+    (and ``FileObject.inode`` is the parent). Once the file system has made or
+    opened the object, in the post-operation callbacks, ``FileObject.inode`` is
+    the object and ``FileObject.handle`` its handle (None if none was requested).
     """
 
     MAJOR: ClassVar[MajorFunction] = MajorFunction.CREATE

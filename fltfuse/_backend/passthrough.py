@@ -273,6 +273,8 @@ class PassthroughBackend:
         if fd is not None:
             self._opened(fd, p.flags)
         p.handle = fd
+        fo = cbd.iopb.target_file_object
+        fo.inode, fo.handle = p.attributes.ino, fd  # from here on (the posts) it is the new object
 
     def _open_existing(self, cbd: CallbackData, p: CreateParameters) -> None:
         path = self._table.proc(cbd.iopb.target_file_object.inode)
@@ -284,7 +286,7 @@ class PassthroughBackend:
             self._opened(fd, p.flags)
             if p.flags & os.O_ACCMODE != os.O_WRONLY and not p.flags & os.O_NOATIME:
                 p.attributes = self._access_time(fd)
-        p.handle = fd
+        p.handle = cbd.iopb.target_file_object.handle = fd
 
     def _access_time(self, fd: int) -> FileAttributes | None:
         """Let ext4 apply its atime rule (relatime, strictatime or noatime) as for a read.

@@ -537,3 +537,36 @@ async def test_skip_flags_choose_by_the_handles_io_kind(driver: Driver) -> None:
         await driver.stack.dispatch(cbd)
         assert cbd.io_status.status is NtStatus.SUCCESS
     assert seen == [("all", False), ("no-direct", False), ("all", True), ("no-paging", True)]
+
+
+async def test_post_create_sees_the_object_made_or_opened_and_its_handle(driver: Driver) -> None:
+    seen: list[tuple[str, int, int | None]] = []
+
+    def pre(cbd: CallbackData, objects: Any) -> PreopCallbackStatus:
+        seen.append(("pre", objects.file_object.inode, objects.file_object.handle))
+        return WITH
+
+    def post(cbd: CallbackData, objects: Any, context: Any, flags: PostopFlags) -> PostopCallbackStatus:
+        seen.append(("post", objects.file_object.inode, objects.file_object.handle))
+        return FINISHED
+
+    flt = Filter("watch", FilterRegistration(operations=(OperationRegistration(MajorFunction.CREATE, pre, post),)))
+    stack_of(driver, (flt, "300000"))
+    (driver.root / "old").write_text("x")
+    old_ino, old_handle = await open_file(driver, "old")
+    new = CreateParameters(
+        CreateDisposition.CREATE, FileType.REGULAR, os.O_RDWR, ROOT_INODE, b"new", 0o644, handle_requested=True
+    )
+    await driver.send(new)
+    made = CreateParameters(CreateDisposition.CREATE, FileType.DIRECTORY, 0, ROOT_INODE, b"dir", 0o755)
+    await driver.send(made)
+    new_ino, dir_ino = (driver.root / "new").stat().st_ino, (driver.root / "dir").stat().st_ino
+    assert seen == [
+        ("pre", old_ino, None),
+        ("post", old_ino, old_handle),
+        ("pre", ROOT_INODE, None),  # a new object: the target is its directory until it exists
+        ("post", new_ino, new.handle),
+        ("pre", ROOT_INODE, None),
+        ("post", dir_ino, None),
+    ]
+    assert new.handle is not None
