@@ -276,7 +276,7 @@ class FileObject:
     ``handle = None``.
     """
 
-    __slots__ = ("flags", "handle", "inode", "opener", "uncached")
+    __slots__ = ("closed", "creating", "flags", "handle", "inode", "opener", "uncached")
 
     def __init__(self, inode: int, handle: int | None = None, flags: int = 0, opener: Requestor | None = None):
         self.inode = inode
@@ -286,6 +286,8 @@ class FileObject:
         # the kernel's page cache is not used for this handle (O_DIRECT, or an instance
         # registered READ/WRITE with BYPASS_KERNEL_CACHE): each read(2)/write(2) is a request
         self.uncached = bool(flags & os.O_DIRECT)
+        self.creating = False  # in a CREATE until the object is made or opened (no file contexts yet)
+        self.closed = False  # its handle is released (CLOSE went down): no context may be set on it
 
     def __repr__(self) -> str:
         return f"FileObject(inode={self.inode}, handle={self.handle})"

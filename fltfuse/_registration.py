@@ -223,6 +223,7 @@ def validate(filter_name: str, registration: object) -> dict[MajorFunction, Oper
                 raise RegistrationError(
                     filter_name, name, "must be a plain function: it runs while the volume is attached or detached"
                 )
+    _check_contexts(filter_name, registration.contexts)
     operations: dict[MajorFunction, Operation] = {}
     for index, op in enumerate(registration.operations):
         entry = f"operations[{index}]"
@@ -270,3 +271,23 @@ def _check_signature(filter_name: str, entry: str, callback: object, arity: int)
         name = getattr(callback, "__qualname__", repr(callback))
         parameters = ", ".join(signature.parameters)
         raise RegistrationError(filter_name, entry, f"{name}({parameters}) does not take {arity} arguments") from None
+
+
+def _check_contexts(filter_name: str, contexts: Any) -> None:
+    from ._stack.contexts import ContextRegistration, ContextType  # here: the stack imports this module
+
+    seen: set[ContextType] = set()
+    for index, registration in enumerate(contexts):
+        entry = f"contexts[{index}]"
+        if not isinstance(registration, ContextRegistration):
+            kind = type(registration).__name__
+            raise RegistrationError(filter_name, entry, f"is a {kind}, not a ContextRegistration")
+        if not isinstance(registration.type, ContextType) or registration.type not in ContextType.__members__.values():
+            raise RegistrationError(filter_name, entry, f"unknown context type {registration.type!r}")
+        if registration.type in seen:
+            raise RegistrationError(filter_name, entry, f"{registration.type.name} registered twice")
+        if registration.size < 0:
+            raise RegistrationError(filter_name, entry, "a negative size")
+        if registration.cleanup is not None:
+            _check_signature(filter_name, f"{entry}.cleanup", registration.cleanup, 2)
+        seen.add(registration.type)

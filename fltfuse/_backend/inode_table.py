@@ -174,20 +174,22 @@ class InodeTable:
         node.lookups += count
         return True
 
-    def forget(self, ino: int, count: int) -> None:
-        """The kernel dropped ``count`` lookups of ``ino``; at zero the inode is released."""
+    def forget(self, ino: int, count: int) -> bool:
+        """The kernel dropped ``count`` lookups of ``ino``; at zero the inode is released (returns True)."""
         if ino == ROOT_INODE:
-            return
+            return False
         node = self._nodes.get(ino)
         if node is None:
             log.error("forget of unknown inode %d", ino)
-            return
+            return False
         node.lookups -= count
-        if node.lookups <= 0:
-            del self._nodes[ino]
-            if node.fd >= 0:
-                del self._pinned[ino]
-                os.close(node.fd)
+        if node.lookups > 0:
+            return False
+        del self._nodes[ino]
+        if node.fd >= 0:
+            del self._pinned[ino]
+            os.close(node.fd)
+        return True
 
     def keep_pinned(self, ino: int) -> None:
         """Make sure ``ino`` is pinned before a name of it is removed (it may be open, or a cwd)."""

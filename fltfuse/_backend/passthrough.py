@@ -163,9 +163,9 @@ class PassthroughBackend:
         except OSError as exc:
             cbd.io_status.status = status_from_errno(exc.errno or errno.EIO)
 
-    def forget(self, ino: int, count: int) -> None:
-        """The kernel dropped ``count`` lookups of ``ino``."""
-        self._table.forget(ino, count)
+    def forget(self, ino: int, count: int) -> bool:
+        """The kernel dropped ``count`` lookups of ``ino``; True if it no longer knows the inode."""
+        return self._table.forget(ino, count)
 
     def commit_listing(self, handle: int, taken: list[int]) -> None:
         """The kernel took the entries ``taken`` (inode numbers) from the last listing of ``handle``."""
@@ -274,7 +274,7 @@ class PassthroughBackend:
             self._opened(fd, p.flags)
         p.handle = fd
         fo = cbd.iopb.target_file_object
-        fo.inode, fo.handle = p.attributes.ino, fd  # from here on (the posts) it is the new object
+        fo.inode, fo.handle, fo.creating = p.attributes.ino, fd, False  # from here on (the posts) the new object
 
     def _open_existing(self, cbd: CallbackData, p: CreateParameters) -> None:
         path = self._table.proc(cbd.iopb.target_file_object.inode)
@@ -286,7 +286,8 @@ class PassthroughBackend:
             self._opened(fd, p.flags)
             if p.flags & os.O_ACCMODE != os.O_WRONLY and not p.flags & os.O_NOATIME:
                 p.attributes = self._access_time(fd)
-        p.handle = cbd.iopb.target_file_object.handle = fd
+        fo = cbd.iopb.target_file_object
+        p.handle, fo.handle, fo.creating = fd, fd, False
 
     def _access_time(self, fd: int) -> FileAttributes | None:
         """Let ext4 apply its atime rule (relatime, strictatime or noatime) as for a read.
@@ -436,6 +437,7 @@ class PassthroughBackend:
         self._files.discard(fd)
         self._direct.discard(fd)
         os.close(fd)
+        cbd.iopb.target_file_object.closed = True
 
     def _statfs(self, cbd: CallbackData, p: QueryVolumeInformationParameters) -> None:
         v = os.fstatvfs(self._table.fd(ROOT_INODE))

@@ -174,7 +174,12 @@ class KernelAdapter(pyfuse3.Operations):
 
     async def _call(self, target: FileObject, params: Parameters, requestor: Requestor) -> CallbackData:
         cbd = CallbackData(target, params, requestor)
-        await self._stack.dispatch(cbd)
+        if params.MAJOR is MajorFunction.CREATE:
+            target.creating = True  # until the file system has made or opened the object
+            await self._stack.dispatch(cbd)
+            target.creating = False
+        else:
+            await self._stack.dispatch(cbd)
         status = cbd.io_status.status
         if status:
             code = errno_from_status(status)
@@ -240,6 +245,13 @@ class KernelAdapter(pyfuse3.Operations):
         except OSError as exc:  # no session (in-process use) or an old kernel
             log.debug("could not invalidate the attributes of inode %d: %s", inode, exc)
 
+    async def _release(self, fh: int, params: CloseParameters) -> None:
+        """CLOSE of a handle; its stream handle contexts go with it."""
+        fo = self._files.pop(fh, None)
+        if fo is not None:
+            await self._never_fails(fo, params)
+            self._stack.contexts.handle_closed(fh)
+
     async def _never_fails(self, fo: FileObject, params: Parameters) -> None:
         """CLEANUP and CLOSE: the caller's close(2) succeeds whatever happens below."""
         try:
@@ -260,7 +272,8 @@ class KernelAdapter(pyfuse3.Operations):
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         for inode, count in inode_list:
             try:
-                self._backend.forget(inode, count)
+                if self._backend.forget(inode, count):
+                    self._stack.contexts.inode_forgotten(inode)  # file and stream contexts go with it
             except Exception:
                 log.exception("internal error forgetting inode %d (%d lookups)", inode, count)
 
@@ -440,9 +453,7 @@ class KernelAdapter(pyfuse3.Operations):
 
     @_boundary
     async def release(self, fh: int) -> None:
-        fo = self._files.pop(fh, None)
-        if fo is not None:
-            await self._never_fails(fo, CloseParameters())
+        await self._release(fh, CloseParameters())
 
     @_boundary
     async def fsync(self, fh: int, datasync: bool) -> None:
@@ -476,9 +487,7 @@ class KernelAdapter(pyfuse3.Operations):
 
     @_boundary
     async def releasedir(self, fh: int) -> None:
-        fo = self._files.pop(fh, None)
-        if fo is not None:
-            await self._never_fails(fo, CloseParameters(directory=True))
+        await self._release(fh, CloseParameters(directory=True))
 
     @_boundary
     async def fsyncdir(self, fh: int, datasync: bool) -> None:

@@ -14,6 +14,20 @@ one volume.
 
 from __future__ import annotations
 
+from .contexts import (
+    Context,
+    ContextError,
+    ContextRegistration,
+    ContextType,
+    SetContext,
+    allocate_context,
+    delete_context,
+    get_context,
+    get_contexts,
+    reference_context,
+    release_context,
+    set_context,
+)
 from .instance_stack import (
     Backend,
     Filter,
@@ -36,18 +50,30 @@ from .work_items import do_completion_processing_when_safe, queue_deferred_io_wo
 __all__ = [
     "Backend",
     "CancelSafeQueue",
+    "Context",
+    "ContextError",
+    "ContextRegistration",
+    "ContextType",
     "Filter",
     "Instance",
     "InstanceStack",
     "RelatedObjects",
+    "SetContext",
     "StackError",
     "VerifierError",
+    "allocate_context",
     "clear_cancel_completion",
     "complete_cancelled",
     "complete_pended_postoperation",
     "complete_pended_preoperation",
+    "delete_context",
     "do_completion_processing_when_safe",
+    "get_context",
+    "get_contexts",
     "queue_deferred_io_work_item",
     "queue_generic_work_item",
+    "reference_context",
+    "release_context",
     "set_cancel_completion",
+    "set_context",
 ]

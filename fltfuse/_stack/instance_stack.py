@@ -66,6 +66,7 @@ from .._registration import (
 from .._status import NtStatus
 from .._volume import VolumeProperties
 from . import pending
+from .contexts import ContextTable
 
 log = logging.getLogger("fltfuse.stack")
 
@@ -157,6 +158,7 @@ class Instance:
     volume: Any = None
     setup_flags: InstanceSetupFlags = InstanceSetupFlags.AUTOMATIC_ATTACHMENT  # how it was attached
     tearing_down: bool = False
+    contexts: ContextTable | None = None  # its volume's, while attached
 
     def __repr__(self) -> str:
         return f"Instance({self.filter.name!r}, {self.name!r}, {self.altitude})"
@@ -208,6 +210,10 @@ class InstanceStack:
     _inflight: set[_Walk] = field(default_factory=set)
     _draining: int = 0
     _drained: trio.lowlevel.ParkingLot = field(default_factory=trio.lowlevel.ParkingLot)
+    contexts: ContextTable = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.contexts = ContextTable(lambda instance, what: self._bug(instance, None, what))
 
     # -- attaching and detaching ----------------------------------------------------
 
@@ -230,6 +236,7 @@ class InstanceStack:
                 )
         instance.volume = self.volume
         instance.setup_flags = flags
+        instance.contexts = self.contexts
         setup = instance.filter.registration.instance_setup
         if setup is not None:
             fs_type = self.volume.filesystem_type if self.volume else ""
@@ -281,6 +288,7 @@ class InstanceStack:
         self._teardown_callback(instance, "instance_teardown_start", reason)
         await self._drain(instance)
         self._teardown_callback(instance, "instance_teardown_complete", reason)
+        self.contexts.instance_gone(instance)
 
     def dismount(self) -> None:
         """The volume is gone (no request is in flight): tear every instance down, unload the filters.
@@ -293,10 +301,12 @@ class InstanceStack:
         for instance in list(self.instances):
             for name in ("instance_teardown_start", "instance_teardown_complete"):
                 self._teardown_callback(instance, name, InstanceTeardownFlags.VOLUME_DISMOUNT)
+            self.contexts.instance_gone(instance)
             self.instances.remove(instance)
             if instance.filter not in filters:
                 filters.append(instance.filter)
         self._rebuild()
+        self.contexts.dismount()
         for filter_ in filters:
             if not filter_.unloaded:
                 filter_.unload(FilterUnloadFlags.MANDATORY)

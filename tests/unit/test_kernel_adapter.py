@@ -21,6 +21,7 @@ from fltfuse import (
 )
 from fltfuse._backend import ROOT_INODE, PassthroughBackend
 from fltfuse._kernel import KernelAdapter
+from fltfuse._stack.contexts import ContextTable
 
 
 @dataclass
@@ -40,6 +41,7 @@ class Recording:
         self.backend = backend
         self.seen: list[CallbackData] = []
         self.fail_on = fail_on
+        self.contexts = ContextTable(lambda instance, what: None)  # no instances, so never any context
 
     async def dispatch(self, cbd: CallbackData) -> None:
         self.seen.append(cbd)
