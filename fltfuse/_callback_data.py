@@ -159,6 +159,11 @@ class CreateDisposition(enum.IntEnum):
     OVERWRITE_IF = 5  # O_CREAT|O_TRUNC
 
 
+# CLEANUP and CLOSE cannot fail (the caller's close(2) has already succeeded):
+# a filter's attempt is a bug, and the request goes on.
+CANNOT_FAIL = frozenset({MajorFunction.CLEANUP, MajorFunction.CLOSE})
+
+
 class FileType(enum.IntEnum):
     """The kind of object a CREATE makes or opens (from st_mode)."""
 

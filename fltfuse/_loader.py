@@ -52,6 +52,10 @@ class FilterNotFound(LookupError):
     """No INF for that filter name in the search path."""
 
 
+class FilterDisabled(InfError):
+    """The filter's INF has StartType 4: it never loads."""
+
+
 def search_path(extra: Sequence[str | os.PathLike[str]] = ()) -> list[Path]:
     dirs = [Path(d) for d in extra]
     dirs += [Path(d) for d in os.environ.get("FLTFUSE_FILTER_PATH", "").split(os.pathsep) if d]
@@ -136,15 +140,19 @@ def load_all(
     names: Sequence[str], extra: Sequence[str | os.PathLike[str]] = (), parameters: Mapping[str, Mapping[str, str]] = {}
 ) -> list[LoadedFilter]:
     """Load the default filters and each named one (what a mount starts with)."""
-    loaded = []
     wanted = default_filters(extra)
     wanted += [n for n in names if n.lower() not in (w.lower() for w in wanted)]
-    for name in wanted:
-        inf = find_inf(name, extra)
-        if inf.start_type == StartType.DISABLED:
-            raise InfError(inf.path, 0, f"filter {inf.name} is disabled (StartType 4) and cannot be loaded")
-        loaded.append(load_filter(inf, parameters.get(inf.name.lower(), {})))
-    return loaded
+    return [load_named(name, extra, parameters) for name in wanted]
+
+
+def load_named(
+    name: str, extra: Sequence[str | os.PathLike[str]] = (), parameters: Mapping[str, Mapping[str, str]] = {}
+) -> LoadedFilter:
+    """Find the filter called ``name``, refuse it if disabled, load it with its ``--param`` overrides."""
+    inf = find_inf(name, extra)
+    if inf.start_type == StartType.DISABLED:
+        raise FilterDisabled(inf.path, 0, f"filter {inf.name} is disabled (StartType 4) and cannot be loaded")
+    return load_filter(inf, parameters.get(inf.name.lower(), {}))
 
 
 def load(

@@ -22,7 +22,6 @@ from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from . import _loader
-from ._inf import StartType
 from ._loader import LoadedFilter
 from ._registration import FilterUnloadFlags, InstanceSetupFlags, InstanceTeardownFlags
 from ._stack import Instance, InstanceStack, StackError
@@ -82,27 +81,18 @@ class FilterManager:
         log.info("attached %s/%s at altitude %s", instance.filter.name, instance.name, instance.altitude)
         self.on_change()
 
-    def load(self, name: str) -> LoadedFilter:
-        """fltmc load: find the filter's INF, import its module, attach its default instance."""
-        loaded = self.prepare(name)
-        self.start(loaded)
-        return loaded
-
     def prepare(self, name: str) -> LoadedFilter:
-        """The first half of ``load``: find the INF, import the module, validate the registration.
+        """fltmc load, first half: find the INF, import the module, validate the registration.
 
-        It touches no state of the manager, so it may run in a worker thread
-        (a slow import then does not stall requests).
+        It touches no state of the manager, so it may run in a worker thread (a
+        slow import then does not stall requests); ``start`` is the second half.
         """
         if name.lower() in self.loaded:
             raise ManagerError(NtStatus.OBJECT_NAME_COLLISION, f"filter {name} is already loaded")
         try:
-            inf = _loader.find_inf(name, self.filter_path)
-        except _loader.FilterNotFound as exc:
+            return _loader.load_named(name, self.filter_path, self.parameters)
+        except (_loader.FilterNotFound, _loader.FilterDisabled) as exc:
             raise ManagerError(NtStatus.FLT_FILTER_NOT_FOUND, str(exc)) from exc
-        if inf.start_type == StartType.DISABLED:
-            raise ManagerError(NtStatus.FLT_FILTER_NOT_FOUND, f"{inf.path}: {inf.name} is disabled (StartType 4)")
-        return _loader.load_filter(inf, self.parameters.get(inf.name.lower(), {}))
 
     async def unload(self, name: str, *, mandatory: bool = False) -> None:
         """fltmc unload: ask the filter (its unload callback may refuse unless ``mandatory``), then
@@ -177,16 +167,14 @@ class FilterManager:
 
     async def dismount(self) -> None:
         """The daemon is stopping with the mount still up: detach every instance, draining, from the top."""
-        for instance in list(self.stack.instances):
-            await self.stack.detach(instance, InstanceTeardownFlags.VOLUME_DISMOUNT)
+        await self.stack.detach_all(InstanceTeardownFlags.VOLUME_DISMOUNT)
         self.on_change()
 
     def shutdown(self) -> None:
         """After the last request: tear down what is still attached, then unload every filter (mandatory)."""
         self.stack.dismount()
         for loaded in self.loaded.values():
-            if not loaded.filter.unloaded:
-                loaded.filter.unload(FilterUnloadFlags.MANDATORY)
+            loaded.filter.unload_mandatory()
         self.loaded.clear()
 
     # -- what fltmc shows --------------------------------------------------------------

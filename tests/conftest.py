@@ -10,9 +10,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import re
+import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,14 +28,33 @@ from fltfuse.testing import MountedVolume, mounted_volume, why_no_mount
 _counter = itertools.count()
 
 
-@pytest.fixture(scope="session")
-def volume() -> Iterator[MountedVolume]:
+@contextlib.contextmanager
+def session_volume(
+    prefix: str, filters: tuple[str, ...] = (), attached: tuple[tuple[str, str, str], ...] = ()
+) -> Iterator[MountedVolume]:
+    """A big volume for a whole session, with ``filters`` loaded and ``attached`` (filter, instance,
+    altitude) attached by fltmc; the stack is checked with ``fltmc instances``. Skips without mounts."""
     reason = why_no_mount()
     if reason:
         pytest.skip(reason)
-    with tempfile.TemporaryDirectory(prefix="fltfuse-test-", dir="/var/tmp") as tmp:
-        with mounted_volume(tmp, size="8G", inodes=400_000) as vol:
+    with tempfile.TemporaryDirectory(prefix=prefix, dir="/var/tmp") as tmp:
+        with mounted_volume(tmp, size="8G", inodes=400_000, filters=filters) as vol:
+            for name, instance, altitude in attached:
+                _fltmc("attach", name, vol.mountpoint, "-i", instance, "-a", altitude)
+            listed = _fltmc("instances", vol.mountpoint).splitlines()[2:]
+            assert len(listed) == len(filters) + len(attached), listed
             yield vol
+
+
+def _fltmc(*args: str) -> str:
+    argv = [sys.executable, "-m", "fltfuse.fltmc", *args]
+    return subprocess.run(argv, check=True, capture_output=True, text=True, timeout=60).stdout
+
+
+@pytest.fixture(scope="session")
+def volume() -> Iterator[MountedVolume]:
+    with session_volume("fltfuse-test-") as vol:
+        yield vol
 
 
 @pytest.fixture

@@ -50,7 +50,7 @@ from typing import Any, NamedTuple, Protocol
 
 import trio
 
-from .._callback_data import CallbackData, CallbackDataFlags, FileObject, MajorFunction
+from .._callback_data import CANNOT_FAIL, CallbackData, CallbackDataFlags, FileObject, MajorFunction
 from .._registration import (
     FilterRegistration,
     FilterUnloadFlags,
@@ -70,7 +70,6 @@ from .contexts import ContextTable
 
 log = logging.getLogger("fltfuse.stack")
 
-_CANNOT_FAIL = frozenset({MajorFunction.CLEANUP, MajorFunction.CLOSE})
 _PENDING = PreopCallbackStatus.PENDING
 _WITH_CALLBACK = PreopCallbackStatus.SUCCESS_WITH_CALLBACK
 _SYNCHRONIZE = PreopCallbackStatus.SYNCHRONIZE
@@ -146,6 +145,11 @@ class Filter:
             self.unloaded = True
             return NtStatus.SUCCESS
         return answer if isinstance(answer, NtStatus) else NtStatus.FLT_DO_NOT_DETACH
+
+    def unload_mandatory(self) -> None:
+        """Unload at shutdown: the unload callback runs (if it has not) and cannot refuse."""
+        if not self.unloaded:
+            self.unload(FilterUnloadFlags.MANDATORY)
 
 
 @dataclass(eq=False)
@@ -290,6 +294,13 @@ class InstanceStack:
         self._teardown_callback(instance, "instance_teardown_complete", reason)
         self.contexts.instance_gone(instance)
 
+    async def detach_all(self, reason: InstanceTeardownFlags) -> list[Filter]:
+        """Detach every instance, from the top, draining each; return their filters."""
+        filters = list(dict.fromkeys(instance.filter for instance in self.instances))
+        for instance in list(self.instances):
+            await self.detach(instance, reason)
+        return filters
+
     def dismount(self) -> None:
         """The volume is gone (no request is in flight): tear every instance down, unload the filters.
 
@@ -308,8 +319,7 @@ class InstanceStack:
         self._rebuild()
         self.contexts.dismount()
         for filter_ in filters:
-            if not filter_.unloaded:
-                filter_.unload(FilterUnloadFlags.MANDATORY)
+            filter_.unload_mandatory()
 
     def _teardown_callback(self, instance: Instance, name: str, reason: InstanceTeardownFlags) -> None:
         callback = getattr(instance.filter.registration, name)
@@ -350,8 +360,7 @@ class InstanceStack:
             cbd = walk.cbd
             if pending.is_pended(cbd, "pre-operation"):
                 action = "it never completed its pended pre-operation; the request is cancelled"
-                cbd.io_status.status, cbd.io_status.information = NtStatus.CANCELLED, 0
-                pending.resume(cbd, "pre-operation", _COMPLETE, None)
+                pending.complete_cancelled(cbd)
             elif pending.is_pended(cbd, "post-operation"):
                 action = "it never completed its post-operation (MORE_PROCESSING_REQUIRED); it is finished for it"
                 pending.resume(cbd, "post-operation", _FINISHED, None)
@@ -451,7 +460,7 @@ class InstanceStack:
                     if cbd.io_status.status == NtStatus.PENDING:
                         self._bug(instance, cbd, "completed a request with STATUS_PENDING")
                         cbd.io_status.status = NtStatus.FLT_INTERNAL_ERROR
-                    if major in _CANNOT_FAIL and cbd.io_status.status >= 0x80000000:  # not NT_SUCCESS
+                    if major in CANNOT_FAIL and cbd.io_status.status >= 0x80000000:  # not NT_SUCCESS
                         self._bug(instance, cbd, f"failed {major.name}, which cannot fail; it succeeds")
                         cbd.io_status.status = NtStatus.SUCCESS
                     completed = True  # its outputs (in the copy it filled) go up as the file system's would
@@ -509,7 +518,7 @@ class InstanceStack:
         self, instance: Instance, cbd: CallbackData, what: str, exc: BaseException | None
     ) -> tuple[PreopCallbackStatus, Any]:
         self._bug(instance, cbd, what, exc)
-        if cbd.iopb.parameters.MAJOR in _CANNOT_FAIL:
+        if cbd.iopb.parameters.MAJOR in CANNOT_FAIL:
             return PreopCallbackStatus.SUCCESS_NO_CALLBACK, None
         cbd.io_status.status = NtStatus.FLT_INTERNAL_ERROR
         return PreopCallbackStatus.COMPLETE, None
@@ -550,7 +559,7 @@ class InstanceStack:
 
     def _post_failed(self, instance: Instance, cbd: CallbackData, exc: Exception) -> None:
         self._bug(instance, cbd, f"post-operation callback raised {exc!r}", exc)
-        if cbd.iopb.parameters.MAJOR not in _CANNOT_FAIL:
+        if cbd.iopb.parameters.MAJOR not in CANNOT_FAIL:
             cbd.io_status.status = NtStatus.FLT_INTERNAL_ERROR
 
     def _bug(

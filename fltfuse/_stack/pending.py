@@ -39,7 +39,7 @@ from typing import Any
 
 import trio
 
-from .._callback_data import CallbackData, MajorFunction, Requestor
+from .._callback_data import CANNOT_FAIL, CallbackData, MajorFunction, Requestor
 from .._registration import PostopCallbackStatus, PreopCallbackStatus
 from .._status import NtStatus
 
@@ -237,7 +237,7 @@ def interrupted(requestor: Requestor, synchronous: bool) -> bool:
     return synchronous and bool(pending & ~int(fields.get(b"SigBlk", b"0"), 16))
 
 
-_NOT_CANCELLABLE = frozenset({MajorFunction.WRITE, MajorFunction.CLEANUP, MajorFunction.CLOSE})
+_NOT_CANCELLABLE = CANNOT_FAIL | {MajorFunction.WRITE}
 
 
 def watches_caller(cbd: CallbackData) -> bool:

@@ -20,14 +20,12 @@ from typing import Any
 
 import trio
 
-from .._callback_data import CallbackData, MajorFunction
+from .._callback_data import CANNOT_FAIL, CallbackData
 from .._registration import PostopCallbackStatus, PostopFlags, PreopCallbackStatus
 from .._status import NtStatus
 from . import pending
 
 log = logging.getLogger("fltfuse.stack")
-
-_CANNOT_FAIL = frozenset({MajorFunction.CLEANUP, MajorFunction.CLOSE})
 
 
 def do_completion_processing_when_safe(
@@ -103,7 +101,7 @@ async def _run(
         else:
             await trio.to_thread.run_sync(routine, *args)
     except Exception as exc:
-        failed = cbd is not None and cbd.iopb.parameters.MAJOR not in _CANNOT_FAIL
+        failed = cbd is not None and cbd.iopb.parameters.MAJOR not in CANNOT_FAIL
         log.error(
             "filter bug: work item %s raised %r%s", _name(routine), exc, f" for {cbd!r}" if cbd else "", exc_info=exc
         )

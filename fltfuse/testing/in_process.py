@@ -30,7 +30,7 @@ from .. import _loader
 from .._backend import ROOT_INODE, PassthroughBackend
 from .._callback_data import CallbackData, DirectoryControlParameters, FileObject, Requestor
 from .._kernel import KernelAdapter
-from .._registration import FilterUnloadFlags, InstanceSetupFlags, InstanceTeardownFlags
+from .._registration import InstanceSetupFlags, InstanceTeardownFlags
 from .._stack import Filter, Instance, InstanceStack
 from .._volume import VolumeProperties
 
@@ -98,13 +98,10 @@ class InProcessVolume:
     async def aclose(self) -> None:
         """Unmount while requests may be in flight: detach every instance as a daemon does on SIGTERM
         (teardown with VOLUME_DISMOUNT, draining what each holds), then close."""
-        filters = list(dict.fromkeys(instance.filter for instance in self.stack.instances))
-        for instance in list(self.stack.instances):
-            await self.stack.detach(instance, InstanceTeardownFlags.VOLUME_DISMOUNT)
+        filters = await self.stack.detach_all(InstanceTeardownFlags.VOLUME_DISMOUNT)
         self.close()
         for filter_ in filters:
-            if not filter_.unloaded:
-                filter_.unload(FilterUnloadFlags.MANDATORY)
+            filter_.unload_mandatory()
 
     def close(self) -> None:
         """Unmount with nothing in flight: forget what was looked up, tear the instances down, release descriptors."""

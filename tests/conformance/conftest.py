@@ -8,15 +8,14 @@ by hand, and nullfilter), which must behave exactly as ext4 too.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from fltfuse.testing import MountedVolume, mounted_volume, why_no_mount
+from fltfuse.testing import MountedVolume
+
+from ..conftest import session_volume
 
 _STACKS = {
     "empty": ((), ()),
@@ -30,39 +29,8 @@ _STACKS = {
 @pytest.fixture(scope="session", params=sorted(_STACKS))
 def volume(request: pytest.FixtureRequest) -> Iterator[MountedVolume]:
     """One mount per stack for the whole tier (this replaces the shared ``volume`` here)."""
-    reason = why_no_mount()
-    if reason:
-        pytest.skip(reason)
-    filters, attached = _STACKS[request.param]
-    with tempfile.TemporaryDirectory(prefix="fltfuse-conformance-", dir="/var/tmp") as tmp:
-        with mounted_volume(tmp, size="8G", inodes=400_000, filters=filters) as vol:
-            for name, instance, altitude in attached:
-                subprocess.run(
-                    [
-                        sys.executable,
-                        "-m",
-                        "fltfuse.fltmc",
-                        "attach",
-                        name,
-                        vol.mountpoint,
-                        "-i",
-                        instance,
-                        "-a",
-                        altitude,
-                    ],
-                    check=True,
-                    capture_output=True,
-                    timeout=60,
-                )
-            listed = subprocess.run(
-                [sys.executable, "-m", "fltfuse.fltmc", "instances", vol.mountpoint],
-                check=True,
-                capture_output=True,
-                text=True,
-                timeout=60,
-            ).stdout.splitlines()[2:]
-            assert len(listed) == len(filters) + len(attached), listed
-            yield vol
+    with session_volume("fltfuse-conformance-", *_STACKS[request.param]) as vol:
+        yield vol
 
 
 @pytest.fixture(autouse=True)

@@ -52,6 +52,8 @@ from fltfuse._volume import VolumeState, is_mounted
 from fltfuse.fltmc import main as fltmc_main
 from fltfuse.testing import MountedVolume, mounted_volume, why_no_mount
 
+from .conftest import _wait_for as until
+
 pytestmark = pytest.mark.skipif(why_no_mount() is not None, reason=str(why_no_mount()))
 
 FILTERS = Path(__file__).resolve().parent / "fltmc_filters"
@@ -143,18 +145,6 @@ def row(vol: MountedVolume, flt: str, altitude: str, name: str, attached: str, f
 
 
 # -- helpers for volumes and daemons -------------------------------------------------------------------
-
-
-def until(condition: Callable[[], Any], what: str, timeout: float = 20) -> Any:
-    """Poll ``condition`` until it returns something truthy; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(0.02)
 
 
 def control_path(vol: MountedVolume) -> Path:

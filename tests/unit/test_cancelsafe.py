@@ -97,6 +97,14 @@ async def read_file(vol: InProcessVolume, path: str) -> bytes:
         return await vol.read_file(path)
 
 
+async def read_into(outcome: list[Any], vol: InProcessVolume, handle: int, length: int = 100) -> None:
+    """One read of ``handle``: append the bytes, or the errno it failed with."""
+    try:
+        outcome.append(await vol.read(handle, 0, length))
+    except OSError as exc:
+        outcome.append(exc.errno)
+
+
 async def wait_until(condition: Callable[[], Any], timeout: float = 5.0) -> None:
     with trio.fail_after(timeout):
         while not condition():
@@ -147,15 +155,9 @@ async def test_default_configuration_from_the_fixture(fltfuse_in_process: Callab
     handle = await vol.open("slow/f")
     outcome: list[Any] = []
 
-    async def reader() -> None:
-        try:
-            outcome.append(await vol.read(handle, 0, 100))
-        except OSError as exc:
-            outcome.append(exc.errno)
-
     with trio.fail_after(1.0):  # well before the 2 s delay
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(reader)
+            nursery.start_soon(read_into, outcome, vol, handle)
             await wait_until(lambda: len(state.queue) == 1)
             assert pending.cancel(state.schedule[0][1])  # what the filter manager does for an interrupted caller
     assert outcome == [errno.EINTR]
@@ -291,15 +293,9 @@ async def test_an_interrupted_caller_gets_eintr_through_the_filter_managers_watc
         handle = await vol.open("slow/f")
         outcome: list[Any] = []
 
-        async def reader() -> None:
-            try:
-                outcome.append(await vol.read(handle, 0, 100))
-            except OSError as exc:
-                outcome.append(exc.errno)
-
         with trio.fail_after(3.0):
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(reader)
+                nursery.start_soon(read_into, outcome, vol, handle)
                 await wait_until(lambda: len(state.queue) == 1)
                 await trio.sleep(0.1)
                 assert len(state.queue) == 1  # the caller is fine: the read waits
@@ -374,15 +370,9 @@ async def test_closing_the_volume_with_a_queued_read_does_not_hang(
     handle = await vol.open("slow/a")
     outcome: list[Any] = []
 
-    async def reader() -> None:
-        try:
-            outcome.append(await vol.read(handle, 0, 10))
-        except OSError as exc:
-            outcome.append(exc.errno)
-
     with caplog.at_level(logging.INFO, logger="fltfuse.filters.cancelsafe"), trio.fail_after(2.0):
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(reader)
+            nursery.start_soon(read_into, outcome, vol, handle, 10)
             await wait_until(lambda: len(state.queue) == 1)
             vol.close()
     assert outcome in ([b"A"], [errno.EBADF])
