@@ -188,6 +188,7 @@ class CallbackDataFlags(enum.IntFlag):
     DRAINING = 0x00040000
     POST_OPERATION = 0x00080000
     NEW_SYSTEM_BUFFER = 0x00100000
+    TOP_OF_STACK_IO = 0x01000000  # fltfuse: filter-initiated I/O sent to the top of the stack
     DIRTY = 0x80000000
 
 
@@ -281,7 +282,7 @@ class FileObject:
     ``handle = None``.
     """
 
-    __slots__ = ("closed", "creating", "flags", "handle", "inode", "opener", "uncached")
+    __slots__ = ("closed", "creating", "flags", "handle", "initiator", "inode", "link", "opener", "uncached")
 
     def __init__(self, inode: int, handle: int | None = None, flags: int = 0, opener: Requestor | None = None):
         self.inode = inode
@@ -293,6 +294,10 @@ class FileObject:
         self.uncached = bool(flags & os.O_DIRECT)
         self.creating = False  # in a CREATE until the object is made or opened (no file contexts yet)
         self.closed = False  # its handle is released (CLOSE went down): no context may be set on it
+        # (directory node id, name) the caller opened it through, if known: its opened name
+        self.link: tuple[int, bytes] | None = None
+        # the instance that opened it with filter-initiated I/O: its requests go only below that instance
+        self.initiator: Any = None
 
     def __repr__(self) -> str:
         return f"FileObject(inode={self.inode}, handle={self.handle})"
@@ -605,7 +610,7 @@ class CallbackData:
     changes need no flag.
     """
 
-    __slots__ = ("flags", "io_status", "iopb", "pended", "requestor")
+    __slots__ = ("flags", "initiator", "io_status", "iopb", "pended", "requestor")
 
     def __init__(
         self,
@@ -619,6 +624,7 @@ class CallbackData:
         self.requestor = requestor
         self.flags = int(flags)  # CallbackDataFlags bits, kept as a plain int (IntFlag arithmetic is slow)
         self.pended: Any = None  # the filter manager's record of a pended pre- or post-operation
+        self.initiator: Any = None  # the instance that generated it (filter-initiated I/O), else None
 
     def set_dirty(self) -> None:
         """FltSetCallbackDataDirty: the parameters were changed by this filter."""

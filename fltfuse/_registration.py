@@ -25,6 +25,15 @@ Callback contracts (each may be a plain function or a coroutine function):
   ``instance_teardown_complete`` get ``(objects, InstanceTeardownFlags)``;
   ``filter_unload(FilterUnloadFlags)`` runs after the filter's last instance is
   gone. These are plain functions, not coroutines.
+* name provider callbacks (see ``fltfuse._stack.names``):
+  ``generate_file_name(objects, file_object, cbd, name_format)`` returns the
+  full name (a ``str``, volume included) that the filters above this one see
+  for ``file_object``, or None to pass the name from below unchanged;
+  ``normalize_name_component(objects, parent_name, component)`` returns the
+  final component (a ``str``) the filters above see for ``component`` in the
+  directory they know as ``parent_name``. Plain functions; they may query
+  names themselves (``get_file_name_information_unsafe``), which asks the
+  instances below.
 """
 
 from __future__ import annotations
@@ -173,6 +182,8 @@ class FilterRegistration:
     instance_query_teardown: Callable[..., Any] | None = None
     instance_teardown_start: Callable[..., Any] | None = None
     instance_teardown_complete: Callable[..., Any] | None = None
+    generate_file_name: Callable[..., Any] | None = None
+    normalize_name_component: Callable[..., Any] | None = None
 
 
 class RegistrationError(Exception):
@@ -204,6 +215,8 @@ _INSTANCE_CALLBACKS = {
     "instance_query_teardown": 2,  # (objects, flags)
     "instance_teardown_start": 2,  # (objects, reason)
     "instance_teardown_complete": 2,  # (objects, reason)
+    "generate_file_name": 4,  # (objects, file_object, cbd, name_format)
+    "normalize_name_component": 3,  # (objects, parent_name, component)
 }
 
 
@@ -220,9 +233,7 @@ def validate(filter_name: str, registration: object) -> dict[MajorFunction, Oper
         if callback is not None:
             _check_signature(filter_name, name, callback, arity)
             if inspect.iscoroutinefunction(callback):
-                raise RegistrationError(
-                    filter_name, name, "must be a plain function: it runs while the volume is attached or detached"
-                )
+                raise RegistrationError(filter_name, name, "must be a plain function: it is called, not awaited")
     _check_contexts(filter_name, registration.contexts)
     operations: dict[MajorFunction, Operation] = {}
     for index, op in enumerate(registration.operations):

@@ -56,14 +56,19 @@ def _handles_work(root_fd: int, mount_fd: int) -> bool:
 
 
 class Inode:
-    """One inode the kernel holds: pin descriptor (or -1), file handle (or None), lookups."""
+    """One inode the kernel holds: pin descriptor (or -1), file handle (or None), lookups.
 
-    __slots__ = ("fd", "handle", "lookups")
+    ``links`` are the names (parent node id, name) the kernel reached a
+    non-directory through, most recent first: where a name query starts.
+    """
+
+    __slots__ = ("fd", "handle", "links", "lookups")
 
     def __init__(self, fd: int, handle: bytes | None, lookups: int):
         self.fd = fd
         self.handle = handle
         self.lookups = lookups
+        self.links: list[tuple[int, bytes]] | None = None
 
 
 class InodeTable:
@@ -166,6 +171,31 @@ class InodeTable:
             return False
         self._nodes[ino] = Inode(-1, handle, 1)
         return True
+
+    def record_link(self, ino: int, parent: int, name: bytes) -> None:
+        """The kernel reached non-directory ``ino`` through ``parent/name`` (most recent first; at most 8 kept)."""
+        node = self._nodes.get(ino)
+        if node is None:
+            return
+        links = node.links
+        link = (parent, name)
+        if links is None:
+            node.links = [link]
+        elif links[0] != link:
+            if link in links:
+                links.remove(link)
+            links.insert(0, link)
+            del links[8:]
+
+    def drop_link(self, ino: int, parent: int, name: bytes) -> None:
+        """``parent/name`` no longer names ``ino`` (unlinked, renamed or replaced)."""
+        node = self._nodes.get(ino)
+        if node is not None and node.links and (parent, name) in node.links:
+            node.links.remove((parent, name))
+
+    def links(self, ino: int) -> list[tuple[int, bytes]]:
+        node = self._nodes.get(ino)
+        return list(node.links) if node is not None and node.links else []
 
     def add_lookups(self, ino: int, count: int) -> bool:
         node = self._nodes.get(ino)

@@ -116,6 +116,7 @@ class PassthroughBackend:
 
     def __init__(self, root: str):
         fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        self._root_path = os.fsencode(os.path.realpath(root)).rstrip(b"/")  # what /proc/self/fd shows for the root
         st = os.fstat(fd)
         self._dev = st.st_dev
         self._mount_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -179,6 +180,47 @@ class PassthroughBackend:
                 log.warning("a listing of handle %d showed inode %d, which the backend never served", handle, ino)
         self._release_reservations(dh)
 
+    def name_of(self, ino: int) -> bytes:
+        """The file system's name of ``ino``: its path from the volume root (b"" for the root, else b"/a/b").
+
+        A directory has one name, which the kernel keeps for its pinned
+        descriptor (``/proc/self/fd``). A file may have several (hard links):
+        the answer is the most recent name the kernel reached it through that
+        still names it, checked with a stat. Raises FileNotFoundError for a
+        file whose last name was removed (still open) and for one none of
+        whose known names still names it.
+        """
+        if ino == ROOT_INODE:
+            return b""
+        table = self._table
+        fd = table.fd(ino)
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            if st.st_nlink == 0:
+                raise FileNotFoundError(errno.ENOENT, f"directory inode {ino} was removed")
+            path = os.readlink(f"/proc/self/fd/{fd}".encode())
+            root = self._root_path
+            if path.startswith(root + b"/"):
+                return path[len(root) :]
+            raise FileNotFoundError(errno.ENOENT, f"directory inode {ino} is not under the volume root ({path!r})")
+        for parent, name in table.links(ino):
+            try:
+                found = os.stat(name, dir_fd=table.fd(parent), follow_symlinks=False)
+            except OSError:
+                found = None
+            if found is not None and table.node_id(found.st_ino) == ino and found.st_dev == self._dev:
+                return self.name_of(parent) + b"/" + name
+            table.drop_link(ino, parent, name)
+        raise FileNotFoundError(errno.ENOENT, f"inode {ino} has no name the volume knows (nlink {st.st_nlink})")
+
+    def is_name_of(self, parent: int, name: bytes, ino: int) -> bool:
+        """Whether ``parent/name`` names ``ino`` now."""
+        try:
+            st = os.stat(name, dir_fd=self._table.fd(parent), follow_symlinks=False)
+        except OSError:
+            return False
+        return self._table.node_id(st.st_ino) == ino
+
     def known_inodes(self) -> int:
         """How many inodes the kernel holds lookups on, the root included."""
         return len(self._table)
@@ -198,12 +240,16 @@ class PassthroughBackend:
     def _attributes(self, st: os.stat_result) -> FileAttributes:
         return FileAttributes.from_stat(st, self._table.node_id(st.st_ino))
 
-    def _pin(self, dir_fd: int, name: bytes) -> FileAttributes:
-        """Count one kernel lookup of ``dir_fd/name`` and return its attributes."""
+    def _pin(self, parent: int, name: bytes) -> FileAttributes:
+        """Count one kernel lookup of ``parent/name`` and return its attributes."""
+        dir_fd = self._table.fd(parent)
         st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
         if st.st_dev != self._dev:
             raise OSError(errno.EXDEV, "another file system is mounted inside the backing directory")
-        return self._attributes(self._table.lookup(dir_fd, name, st))
+        attributes = self._attributes(self._table.lookup(dir_fd, name, st))
+        if not stat.S_ISDIR(attributes.mode):
+            self._table.record_link(attributes.ino, parent, name)
+        return attributes
 
     def _open(self, path: str | bytes, flags: int, mode: int = 0o777, dir_fd: int | None = None) -> int:
         """os.open that, out of descriptors, unpins some inodes and tries once more."""
@@ -214,13 +260,15 @@ class PassthroughBackend:
                 raise
         return os.open(path, flags, mode, dir_fd=dir_fd)
 
-    def _keep_pinned(self, dir_fd: int, name: bytes) -> None:
-        """Before a name goes away: pin its inode if the kernel knows it (it may be open)."""
+    def _keep_pinned(self, dir_fd: int, name: bytes) -> int | None:
+        """Before a name goes away: pin its inode if the kernel knows it (it may be open). Returns it."""
         try:
             st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
         except OSError:
-            return
-        self._table.keep_pinned(self._table.node_id(st.st_ino))
+            return None
+        ino = self._table.node_id(st.st_ino)
+        self._table.keep_pinned(ino)
+        return ino
 
     def _give_to_requestor(self, cbd: CallbackData, parent_fd: int, name: bytes, fd: int | None) -> None:
         """Make a new object owned by the caller, as ext4 would for a process with its ids."""
@@ -238,9 +286,8 @@ class PassthroughBackend:
     # -- handlers -------------------------------------------------------------
 
     def _lookup(self, cbd: CallbackData, p: LookupParameters) -> None:
-        parent_fd = self._table.fd(p.parent)
         name = b"." if p.parent == ROOT_INODE and p.name == b".." else p.name  # never above the volume
-        p.attributes = self._pin(parent_fd, name)
+        p.attributes = self._pin(p.parent, name)
 
     def _create(self, cbd: CallbackData, p: CreateParameters) -> None:
         if p.disposition == CreateDisposition.OPEN or p.disposition == CreateDisposition.OVERWRITE:
@@ -265,7 +312,7 @@ class PassthroughBackend:
             self._give_to_requestor(cbd, parent_fd, name, fd)
             if fd is not None and p.mode & (stat.S_ISUID | stat.S_ISGID):
                 os.fchmod(fd, p.mode)  # chown cleared them
-            p.attributes = self._pin(self._table.fd(p.parent), name)
+            p.attributes = self._pin(p.parent, name)
         except BaseException:
             if fd is not None:
                 os.close(fd)
@@ -331,28 +378,38 @@ class PassthroughBackend:
         p.attributes = self._attributes(os.fstat(self._table.fd(fo.inode)))
 
     def _rename(self, cbd: CallbackData, p: RenameParameters) -> None:
-        if not p.flags & _syscalls.RENAME_EXCHANGE:
-            self._keep_pinned(self._table.fd(p.new_parent), p.new_name)  # a replaced target may still be open
+        target = self._keep_pinned(self._table.fd(p.new_parent), p.new_name)  # a replaced target may still be open
+        moved = self._keep_pinned(self._table.fd(p.parent), p.name)
         old = self._table.fd(p.parent)
         new = self._table.fd(p.new_parent)
         if p.flags:
             _syscalls.renameat2(old, p.name, new, p.new_name, p.flags)
         else:
             os.rename(p.name, p.new_name, src_dir_fd=old, dst_dir_fd=new)
+        table = self._table
+        if moved is not None:
+            table.drop_link(moved, p.parent, p.name)
+            table.record_link(moved, p.new_parent, p.new_name)
+        if target is not None and target != moved:
+            table.drop_link(target, p.new_parent, p.new_name)
+            if p.flags & _syscalls.RENAME_EXCHANGE:
+                table.record_link(target, p.parent, p.name)
 
     def _link(self, cbd: CallbackData, p: LinkParameters) -> None:
         path = self._table.proc(cbd.iopb.target_file_object.inode)
         new_parent_fd = self._table.fd(p.new_parent)
         os.link(path, p.new_name, dst_dir_fd=new_parent_fd, follow_symlinks=True)
-        p.attributes = self._pin(self._table.fd(p.new_parent), p.new_name)
+        p.attributes = self._pin(p.new_parent, p.new_name)
 
     def _disposition(self, cbd: CallbackData, p: DispositionParameters) -> None:
-        self._keep_pinned(self._table.fd(p.parent), p.name)
+        ino = self._keep_pinned(self._table.fd(p.parent), p.name)
         parent_fd = self._table.fd(p.parent)
         if p.directory:
             os.rmdir(p.name, dir_fd=parent_fd)
         else:
             os.unlink(p.name, dir_fd=parent_fd)
+        if ino is not None:
+            self._table.drop_link(ino, p.parent, p.name)
 
     def _readlink(self, cbd: CallbackData, p: FileSystemControlParameters) -> None:
         p.target = os.readlink(b"", dir_fd=self._table.fd(cbd.iopb.target_file_object.inode))
@@ -380,6 +437,8 @@ class PassthroughBackend:
                 ino = entry.attributes.ino
                 if not self._table.reserve_listed(dh.fd, name, ino):
                     continue  # gone or replaced since it was read: a listing need not show it
+                if not stat.S_ISDIR(entry.attributes.mode):
+                    self._table.record_link(ino, dh.ino, name)
                 reserved[ino] = reserved.get(ino, 0) + 1
             served.append(entry)
         return served

@@ -59,6 +59,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import pyfuse3
+import trio
 
 from .._backend.passthrough import PassthroughBackend
 from .._callback_data import (
@@ -161,6 +162,9 @@ class KernelAdapter(pyfuse3.Operations):
         self._attr_timeout_max = attr_timeout
         self._entry_timeout_max = entry_timeout
         self._files: dict[int, FileObject] = {}
+        # pid -> (directory, name, inode) of its last LOOKUP: the link an open that follows used
+        self._last_lookup: dict[int, tuple[int, bytes, int]] = {}
+        stack.invalidate_kernel_cache = self._generated_io_done
         self.refresh_cache_policy()
 
     def refresh_cache_policy(self) -> None:
@@ -193,7 +197,9 @@ class KernelAdapter(pyfuse3.Operations):
         e = pyfuse3.EntryAttributes()
         e.st_ino = a.ino
         e.generation = 0
-        e.entry_timeout = self._entry_timeout
+        # a file with several hard links: the kernel asks again at each path walk, so an
+        # open is known to come through the link the caller named (its opened name)
+        e.entry_timeout = 0.0 if a.nlink > 1 and not stat.S_ISDIR(a.mode) else self._entry_timeout
         e.attr_timeout = self._attr_timeout
         e.st_mode = a.mode
         e.st_nlink = a.nlink
@@ -238,12 +244,53 @@ class KernelAdapter(pyfuse3.Operations):
             return pyfuse3.FileInfo(fh=fh, direct_io=True)
         return pyfuse3.FileInfo(fh=fh)
 
+    def _link(self, inode: int, ctx: pyfuse3.RequestContext) -> tuple[int, bytes] | None:
+        """The name the caller reached ``inode`` through, if its last LOOKUP was of it."""
+        last = self._last_lookup.get(ctx.pid)
+        if last is not None and last[2] == inode:
+            return last[0], last[1]
+        return None
+
+    def _generated_io_done(self, cbd: CallbackData) -> None:
+        """Filter-initiated I/O changed a file or a name behind the kernel's back: drop what it caches."""
+        p = cbd.iopb.parameters
+        if isinstance(p, (WriteParameters, SetAttributesParameters)):
+            self._invalidate(cbd.iopb.target_file_object.inode, attr_only=False)
+            return
+        changed_directories = []
+        if isinstance(p, (RenameParameters, DispositionParameters)):
+            removed = [(p.parent, p.name)]
+            if isinstance(p, RenameParameters):
+                removed.append((p.new_parent, p.new_name))  # a name it replaced
+            for parent, name in removed:
+                changed_directories.append(parent)
+                trio.lowlevel.spawn_system_task(self._invalidate_entry, parent, name)
+        elif isinstance(p, CreateParameters) and p.name:
+            changed_directories.append(p.parent)
+        elif isinstance(p, LinkParameters):
+            changed_directories.append(p.new_parent)
+            self._invalidate(cbd.iopb.target_file_object.inode, attr_only=True)  # its link count
+        for directory in changed_directories:
+            self._invalidate(directory, attr_only=True)
+
+    @staticmethod
+    async def _invalidate_entry(parent: int, name: bytes) -> None:
+        """Drop a name the kernel caches, from a thread: the kernel may hold the directory until the
+        request that changed it is answered."""
+        try:
+            await trio.to_thread.run_sync(pyfuse3.invalidate_entry, parent, name)
+        except OSError as exc:  # no session (in-process use), or a name the kernel does not know
+            log.debug("could not invalidate name %r in inode %d: %s", name, parent, exc)
+
+    def _invalidate(self, inode: int, *, attr_only: bool) -> None:
+        try:
+            pyfuse3.invalidate_inode(inode, attr_only=attr_only)
+        except OSError as exc:  # no session (in-process use), an inode the kernel does not know, or an old kernel
+            log.debug("could not invalidate inode %d: %s", inode, exc)
+
     def _attributes_changed(self, inode: int) -> None:
         """Make the kernel drop the attributes it caches for ``inode`` (not its pages)."""
-        try:
-            pyfuse3.invalidate_inode(inode, attr_only=True)
-        except OSError as exc:  # no session (in-process use) or an old kernel
-            log.debug("could not invalidate the attributes of inode %d: %s", inode, exc)
+        self._invalidate(inode, attr_only=True)
 
     async def _release(self, fh: int, params: CloseParameters) -> None:
         """CLOSE of a handle; its stream handle contexts go with it."""
@@ -267,13 +314,18 @@ class KernelAdapter(pyfuse3.Operations):
     async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         p = LookupParameters(parent_inode, name)
         await self._call(FileObject(parent_inode), p, _requestor(ctx))
-        return self._entry(p.attributes)
+        entry = self._entry(p.attributes)
+        if len(self._last_lookup) > 4096:
+            self._last_lookup.clear()
+        self._last_lookup[ctx.pid] = (parent_inode, name, entry.st_ino)
+        return entry
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         for inode, count in inode_list:
             try:
                 if self._backend.forget(inode, count):
                     self._stack.contexts.inode_forgotten(inode)  # file and stream contexts go with it
+                    self._stack.names.purge(inode)  # its number may be reused
             except Exception:
                 log.exception("internal error forgetting inode %d (%d lookups)", inode, count)
 
@@ -405,6 +457,7 @@ class KernelAdapter(pyfuse3.Operations):
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         req = _requestor(ctx)
         fo = FileObject(inode, None, flags, req)
+        fo.link = self._link(inode, ctx)
         disposition = CreateDisposition.OVERWRITE if flags & os.O_TRUNC else CreateDisposition.OPEN
         p = CreateParameters(disposition, FileType.REGULAR, flags, handle_requested=True)
         await self._call(fo, p, req)
@@ -427,6 +480,7 @@ class KernelAdapter(pyfuse3.Operations):
             disposition, FileType.REGULAR, flags, parent_inode, name, stat.S_IMODE(mode), handle_requested=True
         )
         fo = FileObject(parent_inode, None, flags, req)
+        fo.link = (parent_inode, name)
         await self._call(fo, p, req)
         entry = self._entry(p.attributes)
         fo.inode = entry.st_ino
@@ -466,6 +520,7 @@ class KernelAdapter(pyfuse3.Operations):
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
         req = _requestor(ctx)
         fo = FileObject(inode, None, os.O_RDONLY | os.O_DIRECTORY, req)
+        fo.link = self._link(inode, ctx)
         p = CreateParameters(CreateDisposition.OPEN, FileType.DIRECTORY, fo.flags, handle_requested=True)
         await self._call(fo, p, req)
         return self._opened(fo, p)

@@ -122,6 +122,7 @@ class ContextTable:
         self._set: dict[tuple[Any, ...], Context] = {}
         self._live: dict[int, Context] = {}  # every context not yet cleaned up, by id
         self._lock = threading.RLock()  # work items may use contexts from threads
+        self.leaks: list[str] = []  # the leak reports so far (the test harness fails a test on any)
 
     # -- the filter's calls ------------------------------------------------------------
 
@@ -209,12 +210,9 @@ class ContextTable:
                 if c._instance is instance and (c._key is None or c._key[0] is not ContextType.VOLUME)
             ]
         for context in leaked:
-            log.error(
-                "filter bug: filter %s (instance %s) leaked %r at teardown",
-                context._owner.name,
-                getattr(instance, "name", instance),
-                context,
-            )
+            report = f"filter {context._owner.name} (instance {getattr(instance, 'name', instance)}) leaked {context!r}"
+            self.leaks.append(report)
+            log.error("filter bug: %s at teardown", report)
 
     def dismount(self) -> None:
         """The volume is gone: drop every context still set (volume contexts live until here)."""

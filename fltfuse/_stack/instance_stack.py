@@ -50,7 +50,15 @@ from typing import Any, NamedTuple, Protocol
 
 import trio
 
-from .._callback_data import CANNOT_FAIL, CallbackData, CallbackDataFlags, FileObject, MajorFunction
+from .._callback_data import (
+    CANNOT_FAIL,
+    CallbackData,
+    CallbackDataFlags,
+    DispositionParameters,
+    FileObject,
+    MajorFunction,
+    RenameParameters,
+)
 from .._registration import (
     FilterRegistration,
     FilterUnloadFlags,
@@ -65,7 +73,7 @@ from .._registration import (
 )
 from .._status import NtStatus
 from .._volume import VolumeProperties
-from . import pending
+from . import names, pending
 from .contexts import ContextTable
 
 log = logging.getLogger("fltfuse.stack")
@@ -80,6 +88,9 @@ _NO_CALLBACK = PreopCallbackStatus.SUCCESS_NO_CALLBACK
 _MORE_PROCESSING = PostopCallbackStatus.MORE_PROCESSING_REQUIRED
 _DRAINING = PostopFlags.DRAINING
 _DIRTY = int(CallbackDataFlags.DIRTY)
+_GENERATED = int(CallbackDataFlags.GENERATED_IO)
+_TOP_OF_STACK = int(CallbackDataFlags.TOP_OF_STACK_IO)
+_NAME_CHANGES = frozenset({RenameParameters, DispositionParameters})
 _POST_OPERATION = int(CallbackDataFlags.POST_OPERATION)
 _IO = frozenset({MajorFunction.READ, MajorFunction.WRITE})
 _SKIP_CACHED = OperationFlags.SKIP_PAGING_IO | OperationFlags.SKIP_NON_DASD_IO  # page-cache traffic is paging I/O
@@ -163,6 +174,8 @@ class Instance:
     setup_flags: InstanceSetupFlags = InstanceSetupFlags.AUTOMATIC_ATTACHMENT  # how it was attached
     tearing_down: bool = False
     contexts: ContextTable | None = None  # its volume's, while attached
+    stack: InstanceStack | None = None  # its volume's, from attach to teardown complete
+    recursions: int = 0  # its own top-of-stack I/O that came back to it (and passed it by)
 
     def __repr__(self) -> str:
         return f"Instance({self.filter.name!r}, {self.name!r}, {self.altitude})"
@@ -215,6 +228,10 @@ class InstanceStack:
     _draining: int = 0
     _drained: trio.lowlevel.ParkingLot = field(default_factory=trio.lowlevel.ParkingLot)
     contexts: ContextTable = field(init=False)
+    names: names.NameCache = field(default_factory=names.NameCache)
+    # set by the kernel adapter: tell the kernel a file's data and attributes (inode) or a name
+    # (directory, name) changed behind its back, after filter-initiated I/O
+    invalidate_kernel_cache: Any = None
 
     def __post_init__(self) -> None:
         self.contexts = ContextTable(lambda instance, what: self._bug(instance, None, what))
@@ -241,6 +258,7 @@ class InstanceStack:
         instance.volume = self.volume
         instance.setup_flags = flags
         instance.contexts = self.contexts
+        instance.stack = self
         setup = instance.filter.registration.instance_setup
         if setup is not None:
             fs_type = self.volume.filesystem_type if self.volume else ""
@@ -293,6 +311,7 @@ class InstanceStack:
         await self._drain(instance)
         self._teardown_callback(instance, "instance_teardown_complete", reason)
         self.contexts.instance_gone(instance)
+        instance.stack = None
 
     async def detach_all(self, reason: InstanceTeardownFlags) -> list[Filter]:
         """Detach every instance, from the top, draining each; return their filters."""
@@ -313,6 +332,7 @@ class InstanceStack:
             for name in ("instance_teardown_start", "instance_teardown_complete"):
                 self._teardown_callback(instance, name, InstanceTeardownFlags.VOLUME_DISMOUNT)
             self.contexts.instance_gone(instance)
+            instance.stack = None
             self.instances.remove(instance)
             if instance.filter not in filters:
                 filters.append(instance.filter)
@@ -378,6 +398,10 @@ class InstanceStack:
     def _objects(self, instance: Instance) -> RelatedObjects:
         return RelatedObjects(instance.filter, instance, self.volume, None)
 
+    def objects_of(self, instance: Instance, file_object: FileObject | None) -> RelatedObjects:
+        """The related objects ``instance`` is handed for ``file_object`` (for calls made on its behalf)."""
+        return RelatedObjects(instance.filter, instance, self.volume, file_object)
+
     def _rebuild(self) -> None:
         chains: dict[MajorFunction, list[tuple[Instance, Operation, Filter, Any]]] = {}
         for instance in self.instances:
@@ -403,16 +427,55 @@ class InstanceStack:
 
     # -- the walk -------------------------------------------------------------------
 
-    async def dispatch(self, cbd: CallbackData) -> None:
+    def _chain(self, cbd: CallbackData) -> tuple[tuple[Instance, Operation, Filter, Any], ...] | None:
         major = cbd.iopb.parameters.MAJOR
         if major in _IO:  # which instances see it depends on the handle's I/O kind (the SKIP_* flags)
-            chain = self._io_chains.get((major, cbd.iopb.target_file_object.uncached))
-        else:
-            chain = self._chains.get(major)
+            return self._io_chains.get((major, cbd.iopb.target_file_object.uncached))
+        return self._chains.get(major)
+
+    async def dispatch(self, cbd: CallbackData) -> None:
+        chain = self._chain(cbd)
         if chain is None:
-            await self.backend.dispatch(cbd)
+            await self._perform(cbd)
         else:
             await self._walk(cbd, chain)
+
+    async def dispatch_generated(self, cbd: CallbackData, initiator: Instance, *, top_of_stack: bool = False) -> None:
+        """Filter-initiated I/O: ``cbd`` from ``initiator`` goes to the instances below it, then the file system.
+
+        The request is flagged GENERATED_IO with ``cbd.initiator`` set. With
+        ``top_of_stack`` it starts at the top of the stack instead (flagged
+        TOP_OF_STACK_IO too); when it comes back down to its initiator, that
+        is recursion: it is logged, counted in ``initiator.recursions``, and
+        passes the initiator by instead of re-entering it.
+        """
+        cbd.initiator = initiator
+        cbd.flags |= _GENERATED | (_TOP_OF_STACK if top_of_stack else 0)
+        chain = self._chain(cbd) or ()
+        if top_of_stack:
+            if any(entry[0] is initiator for entry in chain):
+                initiator.recursions += 1
+                log.warning(
+                    "filter %s (instance %s): its own top-of-stack I/O %r came back to it; passed it by",
+                    initiator.filter.name,
+                    initiator.name,
+                    cbd,
+                )
+                chain = tuple(entry for entry in chain if entry[0] is not initiator)
+        else:
+            chain = tuple(entry for entry in chain if entry[0].altitude < initiator.altitude)
+        if chain:
+            await self._walk(cbd, chain)
+        else:
+            await self._perform(cbd)
+        if not cbd.io_status.status and self.invalidate_kernel_cache is not None:
+            self.invalidate_kernel_cache(cbd)
+
+    async def _perform(self, cbd: CallbackData) -> None:
+        """The bottom of the walk: the file system performs the request; a name change drops cached names."""
+        await self.backend.dispatch(cbd)
+        if not cbd.io_status.status and cbd.iopb.parameters.__class__ in _NAME_CHANGES:
+            names.renamed_or_removed(self, cbd)
 
     async def _walk(self, cbd: CallbackData, chain: Iterable[tuple[Instance, Operation, Filter, Any]]) -> None:
         original = cbd.iopb.parameters
@@ -475,7 +538,7 @@ class InstanceStack:
             walk.at = None
             cbd.flags &= ~_DIRTY
             if not completed:
-                await self.backend.dispatch(cbd)
+                await self._perform(cbd)
             lower = cbd.iopb.parameters
             for i in range(len(frames) - 1, -1, -1):
                 frame = frames[i]

@@ -245,9 +245,10 @@ def watches_caller(cbd: CallbackData) -> bool:
 
     Never WRITE (pyfuse3 does not say whether a write is the kernel's page
     writeback, and cancelling that would lose data), CLEANUP or CLOSE (they
-    cannot fail), nor what the kernel asks on its own (pid 0).
+    cannot fail), nor what the kernel asks on its own (pid 0), nor
+    filter-initiated I/O (the daemon's own).
     """
-    return cbd.requestor.pid != 0 and cbd.iopb.parameters.MAJOR not in _NOT_CANCELLABLE
+    return cbd.requestor.pid != 0 and cbd.initiator is None and cbd.iopb.parameters.MAJOR not in _NOT_CANCELLABLE
 
 
 async def _watch_caller(cbd: CallbackData, pended: Pended) -> None:

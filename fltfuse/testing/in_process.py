@@ -31,7 +31,7 @@ from .._backend import ROOT_INODE, PassthroughBackend
 from .._callback_data import CallbackData, DirectoryControlParameters, FileObject, Requestor
 from .._kernel import KernelAdapter
 from .._registration import InstanceSetupFlags, InstanceTeardownFlags
-from .._stack import Filter, Instance, InstanceStack
+from .._stack import Filter, Instance, InstanceStack, VerifierError
 from .._volume import VolumeProperties
 
 
@@ -66,7 +66,7 @@ class InProcessVolume:
     ):
         self.directory = Path(directory)
         self._backend = PassthroughBackend(str(directory))
-        volume = VolumeProperties("directory", None, "<in-process>", str(directory))
+        volume = VolumeProperties("directory", None, str(self.directory.absolute()), str(directory))
         self.stack = InstanceStack(self._backend, verifier=verifier, volume=volume)
         overrides = {name.lower(): dict(values) for name, values in (parameters or {}).items()}
         for spec in filters:
@@ -104,10 +104,15 @@ class InProcessVolume:
             filter_.unload_mandatory()
 
     def close(self) -> None:
-        """Unmount with nothing in flight: forget what was looked up, tear the instances down, release descriptors."""
+        """Unmount with nothing in flight: forget what was looked up, tear the instances down, release descriptors.
+
+        In verifier mode a context an instance leaked (still referenced after its teardown) then fails the test.
+        """
         self._backend_forget()
         self.stack.dismount()
         self._backend.close()
+        if self.stack.verifier and self.stack.contexts.leaks:
+            raise VerifierError("contexts leaked at teardown: " + "; ".join(self.stack.contexts.leaks))
 
     def _backend_forget(self) -> None:
         for ino, count in self._lookups.items():

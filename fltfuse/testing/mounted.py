@@ -116,7 +116,11 @@ def mounted_volume(
     filter_path: tuple[str, ...] = (),
     parameters: Mapping[str, Mapping[str, str]] | None = None,
 ) -> Iterator[MountedVolume]:
-    """A fresh ext4 image in ``directory``, mounted at ``directory/mnt`` (with ``filters``) for the ``with`` body."""
+    """A fresh ext4 image in ``directory``, mounted at ``directory/mnt`` (with ``filters``) for the ``with`` body.
+
+    After the unmount, a context any filter leaked (the daemon's verifier logs
+    each one at teardown) fails the caller with :class:`ContextLeakError`.
+    """
     directory = Path(directory)
     image = str(directory / "volume.img")
     mountpoint = directory / "mnt"
@@ -127,6 +131,13 @@ def mounted_volume(
         yield vol
     finally:
         release(str(mountpoint), image)
+    leaks = [line for line in vol.log_text().splitlines() if "filter bug:" in line and " leaked " in line]
+    if leaks:
+        raise ContextLeakError("\n".join(leaks))
+
+
+class ContextLeakError(AssertionError):
+    """A filter on a mounted test volume left contexts referenced at teardown (the daemon log's lines)."""
 
 
 def release(mountpoint: str, image: str | None = None) -> None:

@@ -168,8 +168,8 @@ def test_leaks_are_listed_at_teardown_with_where_they_were_allocated(
     volume = allocate_context(objects, ContextType.VOLUME)
     set_context(objects, volume)
     release_context(volume)  # fine: the volume holds it until dismount
-    with caplog.at_level(logging.ERROR, logger="fltfuse.contexts"):
-        vol.close()
+    with caplog.at_level(logging.ERROR, logger="fltfuse.contexts"), pytest.raises(VerifierError, match="leaked"):
+        vol.close()  # teardown completes, then the verifier fails the test
     assert "filter ctx (instance ctx Instance) leaked <VOLUME context of ctx, 1 reference(s)" in caplog.text
     assert "test_contexts.py" in caplog.text and caplog.text.count("leaked") == 1
     assert ctx.cleanups == [(ContextType.VOLUME, "?")]  # the volume's, at dismount; the leak never
