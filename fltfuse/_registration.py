@@ -24,7 +24,10 @@ Callback contracts (each may be a plain function or a coroutine function):
   ``NtStatus.FLT_DO_NOT_ATTACH``) to decline; ``instance_teardown_start`` and
   ``instance_teardown_complete`` get ``(objects, InstanceTeardownFlags)``;
   ``filter_unload(FilterUnloadFlags)`` runs after the filter's last instance is
-  gone. These are plain functions, not coroutines.
+  gone. These are plain functions, except the two teardown callbacks, which may
+  be coroutine functions: they are awaited, so they can close the files the
+  instance opened with filter-initiated I/O (``close_file``), as
+  FltClose in InstanceTeardownComplete does on Windows.
 * name provider callbacks (see ``fltfuse._stack.names``):
   ``generate_file_name(objects, file_object, cbd, name_format)`` returns the
   full name (a ``str``, volume included) that the filters above this one see
@@ -218,6 +221,8 @@ _INSTANCE_CALLBACKS = {
     "generate_file_name": 4,  # (objects, file_object, cbd, name_format)
     "normalize_name_component": 3,  # (objects, parent_name, component)
 }
+# The instance callbacks that may be coroutine functions (awaited: they may do filter-initiated I/O).
+_MAY_BE_COROUTINES = frozenset({"instance_teardown_start", "instance_teardown_complete"})
 
 
 def validate(filter_name: str, registration: object) -> dict[MajorFunction, Operation]:
@@ -232,7 +237,7 @@ def validate(filter_name: str, registration: object) -> dict[MajorFunction, Oper
         callback = getattr(registration, name)
         if callback is not None:
             _check_signature(filter_name, name, callback, arity)
-            if inspect.iscoroutinefunction(callback):
+            if inspect.iscoroutinefunction(callback) and name not in _MAY_BE_COROUTINES:
                 raise RegistrationError(filter_name, name, "must be a plain function: it is called, not awaited")
     _check_contexts(filter_name, registration.contexts)
     operations: dict[MajorFunction, Operation] = {}

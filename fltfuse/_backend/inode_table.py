@@ -179,7 +179,7 @@ class InodeTable:
             return
         links = node.links
         link = (parent, name)
-        if links is None:
+        if not links:
             node.links = [link]
         elif links[0] != link:
             if link in links:

@@ -186,9 +186,10 @@ class PassthroughBackend:
         A directory has one name, which the kernel keeps for its pinned
         descriptor (``/proc/self/fd``). A file may have several (hard links):
         the answer is the most recent name the kernel reached it through that
-        still names it, checked with a stat. Raises FileNotFoundError for a
-        file whose last name was removed (still open) and for one none of
-        whose known names still names it.
+        still names it, checked with a stat; if none does (renamed behind the
+        volume's back), the name the kernel keeps for its pinned descriptor,
+        checked likewise. Raises FileNotFoundError for a file whose last name
+        was removed (still open) and for one no name found still names.
         """
         if ino == ROOT_INODE:
             return b""
@@ -198,28 +199,36 @@ class PassthroughBackend:
         if stat.S_ISDIR(st.st_mode):
             if st.st_nlink == 0:
                 raise FileNotFoundError(errno.ENOENT, f"directory inode {ino} was removed")
-            path = os.readlink(f"/proc/self/fd/{fd}".encode())
-            root = self._root_path
-            if path.startswith(root + b"/"):
-                return path[len(root) :]
-            raise FileNotFoundError(errno.ENOENT, f"directory inode {ino} is not under the volume root ({path!r})")
+            path = self._descriptor_name(fd)
+            if path is not None:
+                return path
+            raise FileNotFoundError(errno.ENOENT, f"directory inode {ino} is not under the volume root")
         for parent, name in table.links(ino):
-            try:
-                found = os.stat(name, dir_fd=table.fd(parent), follow_symlinks=False)
-            except OSError:
-                found = None
-            if found is not None and table.node_id(found.st_ino) == ino and found.st_dev == self._dev:
+            if self.is_name_of(parent, name, ino):
                 return self.name_of(parent) + b"/" + name
             table.drop_link(ino, parent, name)
+        path = self._descriptor_name(table.fd(ino))
+        if path is not None and self.is_name_of(ROOT_INODE, path[1:], ino):
+            return path
         raise FileNotFoundError(errno.ENOENT, f"inode {ino} has no name the volume knows (nlink {st.st_nlink})")
 
+    def _descriptor_name(self, fd: int) -> bytes | None:
+        """The path the kernel keeps for descriptor ``fd`` (``/proc/self/fd``), from the volume root, if under it."""
+        path = os.readlink(f"/proc/self/fd/{fd}".encode())
+        root = self._root_path
+        return path[len(root) :] if path.startswith(root + b"/") else None
+
+    def links_of(self, ino: int) -> list[tuple[int, bytes]]:
+        """The (directory, name) pairs the kernel reached non-directory ``ino`` through, most recent first."""
+        return self._table.links(ino)
+
     def is_name_of(self, parent: int, name: bytes, ino: int) -> bool:
-        """Whether ``parent/name`` names ``ino`` now."""
+        """Whether ``parent/name`` (``name`` may be a relative path) names ``ino`` now."""
         try:
             st = os.stat(name, dir_fd=self._table.fd(parent), follow_symlinks=False)
         except OSError:
             return False
-        return self._table.node_id(st.st_ino) == ino
+        return self._table.node_id(st.st_ino) == ino and st.st_dev == self._dev
 
     def known_inodes(self) -> int:
         """How many inodes the kernel holds lookups on, the root included."""

@@ -41,8 +41,9 @@ CLEANUP and CLOSE, which cannot fail and go on down. With ``verifier=True``
 
 from __future__ import annotations
 
+import inspect
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Coroutine, Iterable, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
 from types import MappingProxyType
@@ -300,16 +301,17 @@ class InstanceStack:
         completes what it has pended), the drain (each post it still owes runs
         now with ``PostopFlags.DRAINING``; requests it holds are waited for, and
         after ``drain_timeout`` reported with the filter's name and cancelled),
-        and teardown complete, which runs only when nothing is left.
+        and teardown complete, which runs only when nothing is left. Teardown
+        callbacks that are coroutine functions are awaited.
         """
         if instance not in self.instances:
             raise StackError(NtStatus.FLT_INSTANCE_NOT_FOUND, f"{instance!r} is not attached")
         self.instances.remove(instance)
         self._rebuild()
         instance.tearing_down = True
-        self._teardown_callback(instance, "instance_teardown_start", reason)
+        await self._teardown(instance, "instance_teardown_start", reason)
         await self._drain(instance)
-        self._teardown_callback(instance, "instance_teardown_complete", reason)
+        await self._teardown(instance, "instance_teardown_complete", reason)
         self.contexts.instance_gone(instance)
         instance.stack = None
 
@@ -325,12 +327,17 @@ class InstanceStack:
 
         For each instance, from the top: teardown start, then teardown complete,
         with VOLUME_DISMOUNT; then each filter's unload callback, mandatory. A
-        callback that raises is logged and the teardown goes on.
+        callback that raises is logged and the teardown goes on. A teardown
+        callback that is a coroutine function runs to completion in a trio loop
+        of its own: dismount runs outside the daemon's loop, after it ended
+        (inside a running loop it cannot, and is reported: detach first).
         """
         filters = []
         for instance in list(self.instances):
             for name in ("instance_teardown_start", "instance_teardown_complete"):
-                self._teardown_callback(instance, name, InstanceTeardownFlags.VOLUME_DISMOUNT)
+                coroutine = self._teardown_callback(instance, name, InstanceTeardownFlags.VOLUME_DISMOUNT)
+                if coroutine is not None:
+                    self._run_teardown_outside_loop(instance, name, coroutine)
             self.contexts.instance_gone(instance)
             instance.stack = None
             self.instances.remove(instance)
@@ -341,13 +348,43 @@ class InstanceStack:
         for filter_ in filters:
             filter_.unload_mandatory()
 
-    def _teardown_callback(self, instance: Instance, name: str, reason: InstanceTeardownFlags) -> None:
+    def _teardown_callback(
+        self, instance: Instance, name: str, reason: InstanceTeardownFlags
+    ) -> Coroutine[Any, Any, Any] | None:
+        """Call a teardown callback; a coroutine function's coroutine is returned, for the caller to run."""
         callback = getattr(instance.filter.registration, name)
-        if callback is not None:
+        if callback is None:
+            return None
+        try:
+            outcome = callback(self._objects(instance), reason)
+        except Exception as exc:
+            self._bug(instance, None, f"{name} raised {exc!r}", exc, contain=True)
+            return None
+        return outcome if inspect.iscoroutine(outcome) else None
+
+    async def _teardown(self, instance: Instance, name: str, reason: InstanceTeardownFlags) -> None:
+        await self._finish_teardown(instance, name, self._teardown_callback(instance, name, reason))
+
+    async def _finish_teardown(self, instance: Instance, name: str, coroutine: Coroutine[Any, Any, Any] | None) -> None:
+        if coroutine is not None:
             try:
-                callback(self._objects(instance), reason)
+                await coroutine
             except Exception as exc:
                 self._bug(instance, None, f"{name} raised {exc!r}", exc, contain=True)
+
+    def _run_teardown_outside_loop(self, instance: Instance, name: str, coroutine: Coroutine[Any, Any, Any]) -> None:
+        try:
+            trio.lowlevel.current_trio_token()
+        except RuntimeError:
+            trio.run(self._finish_teardown, instance, name, coroutine)
+            return
+        coroutine.close()
+        self._bug(
+            instance,
+            None,
+            f"{name} did not run: the volume was dismounted inside a trio loop (detach first)",
+            contain=True,
+        )
 
     async def _drain(self, instance: Instance) -> None:
         deadline = trio.current_time() + self.drain_timeout

@@ -52,7 +52,8 @@ class InProcessVolume:
     ``filter_path``), :class:`~fltfuse.Instance` objects, or ``(Filter,
     altitude)`` pairs. ``parameters`` overrides named filters' INF parameters
     (``{"name": {"KEY": "VALUE"}}``, as ``--param name.KEY=VALUE``). ``verifier`` (on by default) makes a filter's rule
-    violation raise :class:`~fltfuse.VerifierError` in the test.
+    violation raise :class:`~fltfuse.VerifierError` in the test, and a context leaked at teardown fail it at close.
+    The volume's name (its ``mount_point``, the prefix of file names) is ``directory``.
     """
 
     def __init__(
