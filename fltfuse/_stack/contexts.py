@@ -20,9 +20,9 @@ returns a new reference; every reference is given back with
 registered for the type runs, exactly once. The object's reference goes when
 the object does: for FILE and STREAM contexts when the kernel forgets the
 inode, for STREAM_HANDLE contexts when the handle is released, for INSTANCE
-contexts after teardown complete, for VOLUME contexts at dismount (all of them
-at the latest when their instance tears down), or earlier by
-``delete_context``.
+contexts after teardown complete, for VOLUME contexts at dismount or when the
+filter's last instance on the volume tears down (the others at the latest when
+their instance tears down), or earlier by ``delete_context``.
 
 Rules, as on Windows: no FILE, STREAM or STREAM_HANDLE context in a
 pre-CREATE (the object is not open yet), none set in a post-CLOSE; a filter
@@ -200,9 +200,19 @@ class ContextTable:
     def handle_closed(self, handle: int) -> None:
         self._drop(lambda key: key[0] is ContextType.STREAM_HANDLE and key[2] == handle)
 
-    def instance_gone(self, instance: Any) -> None:
-        """After teardown complete: drop what is set for the instance, then list what it leaked."""
-        self._drop(lambda key: key[0] is not ContextType.VOLUME and key[1] is instance)
+    def instance_gone(self, instance: Any, last_of_filter: bool) -> None:
+        """After teardown complete: drop what is set for the instance, then list what it leaked.
+
+        ``last_of_filter``: no other instance of its filter is left on the
+        volume, so the filter's volume context goes too.
+        """
+
+        def owned(key: tuple[Any, ...]) -> bool:
+            if key[0] is ContextType.VOLUME:
+                return last_of_filter and key[1] is instance.filter
+            return key[1] is instance
+
+        self._drop(owned)
         with self._lock:
             leaked = [
                 c

@@ -312,7 +312,7 @@ class InstanceStack:
         await self._teardown(instance, "instance_teardown_start", reason)
         await self._drain(instance)
         await self._teardown(instance, "instance_teardown_complete", reason)
-        self.contexts.instance_gone(instance)
+        self.contexts.instance_gone(instance, self._last_of_filter(instance))
         instance.stack = None
 
     async def detach_all(self, reason: InstanceTeardownFlags) -> list[Filter]:
@@ -338,9 +338,9 @@ class InstanceStack:
                 coroutine = self._teardown_callback(instance, name, InstanceTeardownFlags.VOLUME_DISMOUNT)
                 if coroutine is not None:
                     self._run_teardown_outside_loop(instance, name, coroutine)
-            self.contexts.instance_gone(instance)
-            instance.stack = None
             self.instances.remove(instance)
+            self.contexts.instance_gone(instance, self._last_of_filter(instance))
+            instance.stack = None
             if instance.filter not in filters:
                 filters.append(instance.filter)
         self._rebuild()
@@ -431,6 +431,10 @@ class InstanceStack:
                 self.drain_timeout,
                 action,
             )
+
+    def _last_of_filter(self, instance: Instance) -> bool:
+        """Whether no other instance of ``instance``'s filter is attached (after it was taken off)."""
+        return not any(other.filter is instance.filter for other in self.instances)
 
     def _objects(self, instance: Instance) -> RelatedObjects:
         return RelatedObjects(instance.filter, instance, self.volume, None)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ from fltfuse import (
     ContextRegistration,
     ContextType,
     FilterRegistration,
+    InstanceTeardownFlags,
     MajorFunction,
     NtStatus,
     OperationRegistration,
@@ -190,3 +192,19 @@ def test_only_registered_types_and_valid_registrations(tmp_path: Path) -> None:
         Filter("bad", FilterRegistration(contexts=twice))
     with pytest.raises(RegistrationError, match=r"contexts\[0\].*not a ContextRegistration"):
         Filter("bad", FilterRegistration(contexts=(ContextType.FILE,)))
+
+
+async def test_a_volume_context_goes_with_the_filters_last_instance_on_the_volume(tmp_path: Path) -> None:
+    ctx = Ctx()
+    first = Instance(ctx.filter, "one", Decimal("300000"))
+    second = Instance(ctx.filter, "two", Decimal("300001"))
+    vol = InProcessVolume(tmp_path, [first, second])
+    volume = allocate_context(objects_of(first), ContextType.VOLUME)
+    volume.label = "shared"
+    set_context(objects_of(first), volume)
+    release_context(volume)
+    await vol.stack.detach(first, InstanceTeardownFlags.MANUAL)
+    assert ctx.cleanups == []  # the filter's other instance still uses it
+    await vol.stack.detach(second, InstanceTeardownFlags.MANUAL)
+    assert ctx.cleanups == [(ContextType.VOLUME, "shared")]  # not left for a dismount the filter may not see
+    vol.close()
