@@ -70,9 +70,14 @@ class InProcessVolume:
         volume = VolumeProperties("directory", None, str(self.directory.absolute()), str(directory))
         self.stack = InstanceStack(self._backend, verifier=verifier, volume=volume)
         overrides = {name.lower(): dict(values) for name, values in (parameters or {}).items()}
-        for spec in filters:
-            for instance in self._instances(spec, filter_path, overrides):
-                self.stack.attach(instance, InstanceSetupFlags.AUTOMATIC_ATTACHMENT)
+        try:
+            for spec in filters:
+                for instance in self._instances(spec, filter_path, overrides):
+                    self.stack.attach(instance, InstanceSetupFlags.AUTOMATIC_ATTACHMENT)
+        except BaseException:
+            self.stack.dismount()  # the instances attached so far, then the descriptors
+            self._backend.close()
+            raise
         self._adapter = KernelAdapter(self.stack, self._backend)
         self._caller = _Caller(os.getpid(), os.geteuid(), os.getegid(), 0o022)
         self._lookups: Counter[int] = Counter()
