@@ -49,7 +49,7 @@ import enum
 import errno
 import os
 import threading
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -133,12 +133,17 @@ class NameCache:
     An entry is keyed by (provider instance or None, inode, link) and keeps
     the file system path it was computed from, so that a rename, unlink or
     rmdir of that path or of any directory above it drops it, at every level.
+    Every operation costs the same however full the cache is, except the
+    rename of a directory that has cached names below it (one scan).
     """
 
     SIZE = 4096
 
     def __init__(self) -> None:
         self._entries: OrderedDict[tuple[Any, ...], tuple[bytes, FileNameInformation]] = OrderedDict()
+        self._by_path: dict[bytes, set[tuple[Any, ...]]] = {}
+        self._by_inode: dict[int, set[tuple[Any, ...]]] = {}
+        self._below: Counter[bytes] = Counter()  # directory path -> how many entries are below it
         self._lock = threading.Lock()  # work items may query names from threads
         self.hits = 0
         self.misses = 0
@@ -158,27 +163,59 @@ class NameCache:
 
     def put(self, key: tuple[Any, ...], fs_path: bytes, info: FileNameInformation) -> None:
         with self._lock:
+            if key in self._entries:
+                self._remove(key)
             self._entries[key] = (fs_path, info)
-            self._entries.move_to_end(key)
+            self._by_path.setdefault(fs_path, set()).add(key)
+            self._by_inode.setdefault(key[1], set()).add(key)
+            self._below.update(_directories_above(fs_path))
             if len(self._entries) > self.SIZE:
-                self._entries.popitem(last=False)
+                self._remove(next(iter(self._entries)))
 
     def invalidate_path(self, fs_path: bytes) -> None:
         """``fs_path`` (from the volume root) was renamed or removed: drop it and everything under it."""
-        below = fs_path + b"/"
         with self._lock:
-            gone = [k for k, (p, _) in self._entries.items() if p == fs_path or p.startswith(below)]
+            gone = set(self._by_path.get(fs_path, ()))
+            if self._below.get(fs_path):
+                below = fs_path + b"/"
+                gone.update(k for k, (p, _) in self._entries.items() if p.startswith(below))
             for key in gone:
-                del self._entries[key]
+                self._remove(key)
 
     def purge(self, ino: int | None = None) -> None:
         """Drop every entry of ``ino`` (at every level), or every entry."""
         with self._lock:
             if ino is None:
                 self._entries.clear()
+                self._by_path.clear()
+                self._by_inode.clear()
+                self._below.clear()
                 return
-            for key in [k for k in self._entries if k[1] == ino]:
-                del self._entries[key]
+            for key in list(self._by_inode.get(ino, ())):
+                self._remove(key)
+
+    def _remove(self, key: tuple[Any, ...]) -> None:
+        fs_path, _ = self._entries.pop(key)
+        _discard(self._by_path, fs_path, key)
+        _discard(self._by_inode, key[1], key)
+        above = _directories_above(fs_path)
+        self._below.subtract(above)
+        for directory in above:
+            if not self._below[directory]:
+                del self._below[directory]
+
+
+def _discard(index: dict[Any, set[tuple[Any, ...]]], value: Any, key: tuple[Any, ...]) -> None:
+    keys = index[value]
+    keys.discard(key)
+    if not keys:
+        del index[value]
+
+
+def _directories_above(fs_path: bytes) -> list[bytes]:
+    """b"/a/b/c" -> [b"/a", b"/a/b"]."""
+    parts = fs_path.split(b"/")[1:-1]
+    return [b"/" + b"/".join(parts[: i + 1]) for i in range(len(parts))]
 
 
 # -- resolving a name ---------------------------------------------------------------------

@@ -709,3 +709,34 @@ def test_parse_refuses_a_name_off_the_volume_or_with_a_trailing_slash() -> None:
             FileNameInformation.parse(bad, "/vol", NORMALIZED)
         assert raised.value.status == NtStatus.OBJECT_NAME_INVALID
     assert FileNameInformation.parse("/vol", "/vol", OPENED) == FileNameInformation("/vol", OPENED, "/vol", "", "", "")
+
+
+def test_the_name_cache_indexes_stay_consistent_through_invalidation_purge_and_eviction(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from fltfuse._stack.names import NameCache
+
+    cache = NameCache()
+    monkeypatch.setattr(NameCache, "SIZE", 3)
+
+    def info(path: str) -> FileNameInformation:
+        return FileNameInformation.parse("/v" + path, "/v", NameFormat.NORMALIZED)
+
+    cache.put((None, 10, None), b"/a/b/c", info("/a/b/c"))
+    cache.put((None, 11, None), b"/a/x", info("/a/x"))
+    cache.put(("provider", 10, None), b"/a/b/c", info("/z/b/c"))
+    cache.invalidate_path(b"/a/b/c")  # the file: both levels go, the sibling stays
+    assert len(cache) == 1 and cache.get((None, 11, None)) == info("/a/x")
+    cache.put((None, 12, None), b"/a/b/d", info("/a/b/d"))
+    cache.invalidate_path(b"/a/b")  # a directory above: what is below it goes
+    assert len(cache) == 1 and cache.get((None, 12, None)) is None
+    for ino in (20, 21, 22, 23):  # one more than fits: the least recently used goes, indexes too
+        cache.put((None, ino, None), b"/q/%d" % ino, info(f"/q/{ino}"))
+    assert len(cache) == 3 and cache.get((None, 11, None)) is None and cache.get((None, 20, None)) is None
+    cache.purge(22)
+    assert len(cache) == 2 and cache.get((None, 22, None)) is None
+    cache.invalidate_path(b"/q")
+    assert len(cache) == 0
+    cache.put((None, 30, None), b"/q/30", info("/q/30"))
+    cache.invalidate_path(b"/q/3")  # a path that is only a prefix of a name is not above it
+    assert len(cache) == 1
