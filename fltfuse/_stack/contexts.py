@@ -121,6 +121,9 @@ class ContextTable:
         self._report = report  # report(instance, message): a filter bug (raises in verifier mode)
         self._set: dict[tuple[Any, ...], Context] = {}
         self._live: dict[int, Context] = {}  # every context not yet cleaned up, by id
+        # the keys set on each inode (FILE, STREAM) and handle (STREAM_HANDLE), so that a forget or a
+        # close finds its contexts without a scan of every context; a key may be gone from _set already
+        self._on_object: dict[tuple[bool, int], dict[tuple[Any, ...], None]] = {}
         self._lock = threading.RLock()  # work items may use contexts from threads
         self.leaks: list[str] = []  # the leak reports so far (the test harness fails a test on any)
 
@@ -150,6 +153,8 @@ class ContextTable:
             if existing is not None:
                 existing._key = None  # the object's reference moves to the caller, who releases it
             self._set[key] = context
+            if context._type & _OPEN_OBJECT:
+                self._on_object.setdefault((context._type is ContextType.STREAM_HANDLE, key[2]), {})[key] = None
             context._key = key
             context._refs += 1
             return NtStatus.SUCCESS, existing
@@ -195,10 +200,10 @@ class ContextTable:
     # -- lifetimes the filter manager drives ------------------------------------------------
 
     def inode_forgotten(self, inode: int) -> None:
-        self._drop(lambda key: key[0] in (ContextType.FILE, ContextType.STREAM) and key[2] == inode)
+        self._drop_keys((False, inode))
 
     def handle_closed(self, handle: int) -> None:
-        self._drop(lambda key: key[0] is ContextType.STREAM_HANDLE and key[2] == handle)
+        self._drop_keys((True, handle))
 
     def instance_gone(self, instance: Any, last_of_filter: bool) -> None:
         """After teardown complete: drop what is set for the instance, then list what it leaked.
@@ -227,6 +232,18 @@ class ContextTable:
     def dismount(self) -> None:
         """The volume is gone: drop every context still set (volume contexts live until here)."""
         self._drop(lambda key: True)
+
+    def _drop_keys(self, obj: tuple[bool, int]) -> None:
+        """Drop the contexts set on one inode or handle (``(is_handle, number)``)."""
+        gone = []
+        with self._lock:
+            for key in self._on_object.pop(obj, ()):
+                context = self._set.pop(key, None)
+                if context is not None:
+                    context._key = None
+                    gone.append(context)
+        for context in gone:
+            self.release(context)
 
     def _drop(self, matches: Callable[[tuple[Any, ...]], bool]) -> None:
         with self._lock:

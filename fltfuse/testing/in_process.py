@@ -144,6 +144,15 @@ class InProcessVolume:
             self._lookups[ino] += 1
         return ino
 
+    async def forget(self, target: str | int) -> None:
+        """The kernel forgets an inode, as after ``drop_caches``: FORGET with every lookup this volume took of it.
+
+        ``target`` is a path, or an inode whose names are gone. Its file and
+        stream contexts are cleaned up and its cached names dropped, as on a mount.
+        """
+        ino = await self.lookup(target) if isinstance(target, str) else target
+        await self._adapter.forget([(ino, self._lookups.pop(ino))])
+
     async def _parent(self, path: str) -> tuple[int, bytes]:
         p = Path(path)
         return await self.lookup(str(p.parent)), os.fsencode(p.name)

@@ -1,8 +1,9 @@
 """Fixtures of the conformance tier: the stacks it runs on, a known umask, and the backing directory of a mount path.
 
-Every conformance test runs twice: on a volume with the empty stack, and on one
-with a transparent stack (three passthrough instances, one of them attached
-by hand, and nullfilter), which must behave exactly as ext4 too.
+Every conformance test runs three times: on a volume with the empty stack, on
+one with a transparent stack (three passthrough instances, one of them
+attached by hand, and nullfilter), and on one with the context samples (ctx,
+delete, change), which must all behave exactly as ext4 too.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ _STACKS = {
         ("passthrough", "nullfilter"),
         (("passthrough", "PassThrough 2", "370031"), ("passthrough", "PassThrough 0", "370029")),
     ),
+    # filters that keep contexts and query names on every request, and must still be transparent
+    "contexts": (("ctx", "delete", "change"), ()),
 }
 
 

@@ -490,7 +490,7 @@ async def test_unlink_rmdir_and_forget_drop_the_cached_names(
         assert quiet.ask(objects[path], NORMALIZED, DEFAULT) == NtStatus.FILE_DELETED  # still known, no name left
     # The kernel forgets an inode (its number may be reused): every cached name of it goes, and only those.
     forgotten = objects["forgotten.txt"].inode
-    await vol._adapter.forget([(forgotten, vol._lookups.pop(forgotten))])
+    await vol.forget(forgotten)
     assert quiet.ask(objects["forgotten.txt"], NORMALIZED, CACHE_ONLY) == NtStatus.FLT_NAME_CACHE_MISS
     assert name(quiet.ask(objects["kept.txt"], NORMALIZED, CACHE_ONLY)) == f"{root}/d/kept.txt"
 
