@@ -151,14 +151,20 @@ class InodeTable:
         if node is not None:
             node.lookups += 1
             return True
-        try:
-            handle = _syscalls.name_to_handle_at(dir_fd, name, 0)
-        except FileNotFoundError:
-            return False
-        except OSError as exc:
-            if exc.errno != errno.EOPNOTSUPP:
-                raise
-            fd = os.open(name, PIN_FLAGS, dir_fd=dir_fd)  # no handles here: pin it
+        handle = None
+        if self._handles_work:
+            try:
+                handle = _syscalls.name_to_handle_at(dir_fd, name, 0)
+            except FileNotFoundError:
+                return False
+            except OSError as exc:
+                if exc.errno != errno.EOPNOTSUPP:
+                    raise
+        if handle is None:  # no handles here, or they cannot be opened again: pin it
+            try:
+                fd = os.open(name, PIN_FLAGS, dir_fd=dir_fd)
+            except FileNotFoundError:
+                return False
             if self.node_id(os.fstat(fd).st_ino) != ino:
                 os.close(fd)
                 return False

@@ -111,3 +111,14 @@ def test_without_handles_every_inode_stays_pinned(table: InodeTable, tmp_path: P
         (tmp_path / f"f{i}").write_text("")
         look(table, tmp_path, f"f{i}")
     assert table.pinned == 201
+
+
+def test_where_handles_cannot_be_reopened_a_listed_entry_is_pinned(table: InodeTable, tmp_path: Path) -> None:
+    table._handles_work = False  # an unprivileged daemon: open_by_handle_at would fail with EPERM
+    (tmp_path / "listed").write_text("x")
+    ino = os.stat(tmp_path / "listed").st_ino
+    before = table.pinned
+    assert table.reserve_listed(table.fd(ROOT_INODE), b"listed", ino)
+    assert table.pinned == before + 1  # reachable later without a handle
+    assert os.fstat(table.fd(ino)).st_ino == ino
+    assert not table.reserve_listed(table.fd(ROOT_INODE), b"gone", ino + 1)
