@@ -158,6 +158,17 @@ class CreateDisposition(enum.IntEnum):
     OVERWRITE = 4  # open(2) of an existing file with O_TRUNC (the kernel negotiates atomic_o_trunc)
     OVERWRITE_IF = 5  # O_CREAT|O_TRUNC
 
+    @classmethod
+    def for_open(cls, flags: int, exists: bool) -> CreateDisposition:
+        """The disposition open(2) ``flags`` ask for: of an existing file (OPEN or OVERWRITE with
+        O_TRUNC), or of a name that does not exist yet with O_CREAT (CREATE with O_EXCL,
+        OVERWRITE_IF with O_TRUNC, else OPEN_IF)."""
+        if exists:
+            return cls.OVERWRITE if flags & os.O_TRUNC else cls.OPEN
+        if flags & os.O_EXCL:
+            return cls.CREATE
+        return cls.OVERWRITE_IF if flags & os.O_TRUNC else cls.OPEN_IF
+
 
 # CLEANUP and CLOSE cannot fail (the caller's close(2) has already succeeded):
 # a filter's attempt is a bug, and the request goes on.

@@ -140,9 +140,7 @@ class InodeTable:
             os.close(fd)
             node.lookups += 1
             return st
-        node = Inode(fd, None, 1)
-        self._nodes[ino] = node
-        self._pin(ino, node)
+        self._add_pinned(ino, fd)
         return st
 
     def reserve_listed(self, dir_fd: int, name: bytes, ino: int) -> bool:
@@ -168,9 +166,7 @@ class InodeTable:
             if self.node_id(os.fstat(fd).st_ino) != ino:
                 os.close(fd)
                 return False
-            node = Inode(fd, None, 1)
-            self._nodes[ino] = node
-            self._pin(ino, node)
+            self._add_pinned(ino, fd)
             return True
         found = _syscalls.handle_inode(handle)
         if found is not None and found != ino:
@@ -244,6 +240,12 @@ class InodeTable:
                 os.close(node.fd)
         self._nodes.clear()
         self._pinned.clear()
+
+    def _add_pinned(self, ino: int, fd: int) -> None:
+        """A newly known inode, pinned by ``fd``, with the one lookup that made it known."""
+        node = Inode(fd, None, 1)
+        self._nodes[ino] = node
+        self._pin(ino, node)
 
     def _pin(self, ino: int, node: Inode) -> None:
         self._pinned[ino] = node

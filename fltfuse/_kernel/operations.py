@@ -288,10 +288,6 @@ class KernelAdapter(pyfuse3.Operations):
         except OSError as exc:  # no session (in-process use), an inode the kernel does not know, or an old kernel
             log.debug("could not invalidate inode %d: %s", inode, exc)
 
-    def _attributes_changed(self, inode: int) -> None:
-        """Make the kernel drop the attributes it caches for ``inode`` (not its pages)."""
-        self._invalidate(inode, attr_only=True)
-
     async def _release(self, fh: int, params: CloseParameters) -> None:
         """CLOSE of a handle; its stream handle contexts go with it."""
         fo = self._files.pop(fh, None)
@@ -467,11 +463,11 @@ class KernelAdapter(pyfuse3.Operations):
         req = _requestor(ctx)
         fo = FileObject(inode, None, flags, req)
         fo.link = self._link(inode, ctx)
-        disposition = CreateDisposition.OVERWRITE if flags & os.O_TRUNC else CreateDisposition.OPEN
+        disposition = CreateDisposition.for_open(flags, exists=True)
         p = CreateParameters(disposition, FileType.REGULAR, flags, handle_requested=True)
         await self._call(fo, p, req)
         if p.attributes is not None:
-            self._attributes_changed(inode)
+            self._invalidate(inode, attr_only=True)  # opening changed its atime
         return self._file_info(fo, p)
 
     @_boundary
@@ -479,14 +475,14 @@ class KernelAdapter(pyfuse3.Operations):
         self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         req = _requestor(ctx)
-        if flags & os.O_EXCL:
-            disposition = CreateDisposition.CREATE
-        elif flags & os.O_TRUNC:
-            disposition = CreateDisposition.OVERWRITE_IF
-        else:
-            disposition = CreateDisposition.OPEN_IF
         p = CreateParameters(
-            disposition, FileType.REGULAR, flags, parent_inode, name, stat.S_IMODE(mode), handle_requested=True
+            CreateDisposition.for_open(flags, exists=False),
+            FileType.REGULAR,
+            flags,
+            parent_inode,
+            name,
+            stat.S_IMODE(mode),
+            handle_requested=True,
         )
         fo = FileObject(parent_inode, None, flags, req)
         fo.link = (parent_inode, name)

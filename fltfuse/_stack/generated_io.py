@@ -202,12 +202,7 @@ async def _open(
     stack = _stack(objects)
     requestor = _daemon()
     if existing is None:  # not there, and O_CREAT
-        if flags & os.O_EXCL:
-            disposition = CreateDisposition.CREATE
-        elif flags & os.O_TRUNC:
-            disposition = CreateDisposition.OVERWRITE_IF
-        else:
-            disposition = CreateDisposition.OPEN_IF
+        disposition = CreateDisposition.for_open(flags, exists=False)
         file_object = FileObject(parent, None, flags, requestor)
         params = CreateParameters(
             disposition, FileType.REGULAR, flags, parent, name, _stat.S_IMODE(mode), handle_requested=True
@@ -224,7 +219,7 @@ async def _open(
             _forget(stack, existing.ino)
             raise OSError(errno.EINVAL, f"{os.fsdecode(name)!r}: a filter opens only regular files and directories")
         file_object = FileObject(existing.ino, None, flags | (os.O_DIRECTORY if directory else 0), requestor)
-        disposition = CreateDisposition.OVERWRITE if flags & os.O_TRUNC and not directory else CreateDisposition.OPEN
+        disposition = CreateDisposition.OPEN if directory else CreateDisposition.for_open(flags, exists=True)
         file_type = FileType.DIRECTORY if directory else FileType.REGULAR
         params = CreateParameters(disposition, file_type, flags, handle_requested=True)
     file_object.uncached = True  # the instance's I/O goes straight to the file system, never the page cache

@@ -477,7 +477,8 @@ class InstanceStack:
     async def dispatch(self, cbd: CallbackData) -> None:
         chain = self._chain(cbd)
         if chain is None:
-            await self._perform(cbd)
+            await self.backend.dispatch(cbd)
+            self._performed(cbd)
         else:
             await self._walk(cbd, chain)
 
@@ -508,14 +509,15 @@ class InstanceStack:
         if chain:
             await self._walk(cbd, chain)
         else:
-            await self._perform(cbd)
+            await self.backend.dispatch(cbd)
+            self._performed(cbd)
         if not cbd.io_status.status and self.invalidate_kernel_cache is not None:
             self.invalidate_kernel_cache(cbd)
 
-    async def _perform(self, cbd: CallbackData) -> None:
-        """The bottom of the walk: the file system performs the request; a name change drops cached names."""
-        await self.backend.dispatch(cbd)
-        if not cbd.io_status.status and cbd.iopb.parameters.__class__ in _NAME_CHANGES:
+    def _performed(self, cbd: CallbackData) -> None:
+        """The file system performed ``cbd`` (a plain call after each backend dispatch, not another coroutine
+        on every request's path): a rename, unlink or rmdir that succeeded drops the names it changed."""
+        if cbd.iopb.parameters.__class__ in _NAME_CHANGES and not cbd.io_status.status:
             names.renamed_or_removed(self, cbd)
 
     async def _walk(self, cbd: CallbackData, chain: Iterable[tuple[Instance, Operation, Filter, Any]]) -> None:
@@ -579,7 +581,8 @@ class InstanceStack:
             walk.at = None
             cbd.flags &= ~_DIRTY
             if not completed:
-                await self._perform(cbd)
+                await self.backend.dispatch(cbd)
+                self._performed(cbd)
             lower = cbd.iopb.parameters
             for i in range(len(frames) - 1, -1, -1):
                 frame = frames[i]
