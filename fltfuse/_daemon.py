@@ -14,6 +14,8 @@ import os
 import resource
 from collections.abc import Callable, Mapping, Sequence
 
+import trio
+
 from ._backend.passthrough import PassthroughBackend
 from ._control import ControlServer
 from ._kernel import FuseOptions, KernelAdapter, serve
@@ -21,7 +23,7 @@ from ._loader import LoadedFilter
 from ._manager import FilterManager
 from ._registration import InstanceSetupFlags
 from ._stack import InstanceStack
-from ._volume import Volume
+from ._volume import Volume, make_private_dir
 
 log = logging.getLogger("fltfuse.daemon")
 
@@ -72,13 +74,24 @@ def run(
             adapter = KernelAdapter(
                 stack, backend, attr_timeout=options.attr_timeout, entry_timeout=options.entry_timeout
             )
-            manager = FilterManager(
-                stack, filter_path=filter_path, parameters=parameters, on_change=adapter.refresh_cache_policy
-            )
-            for loaded in filters:
-                manager.start(loaded, InstanceSetupFlags.AUTOMATIC_ATTACHMENT | InstanceSetupFlags.NEWLY_MOUNTED_VOLUME)
             assert volume.state is not None
+            make_private_dir(volume.state.ports_path)
+            manager = FilterManager(
+                stack,
+                filter_path=filter_path,
+                parameters=parameters,
+                on_change=adapter.refresh_cache_policy,
+                port_directory=str(volume.state.ports_path),
+            )
             control = ControlServer(manager, volume.state.control_path)
+
+            async def start_filters(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+                """The mount's filters start in the trio loop (they may create ports), before it serves."""
+                at_mount = InstanceSetupFlags.AUTOMATIC_ATTACHMENT | InstanceSetupFlags.NEWLY_MOUNTED_VOLUME
+                for loaded in filters:
+                    manager.start(loaded, at_mount)
+                task_status.started()
+
             log.info("serving %s at %s (backing %s)", source, volume.mountpoint, backing)
             try:
                 serve(
@@ -86,7 +99,7 @@ def run(
                     volume.mountpoint,
                     options,
                     on_ready,
-                    services=[control.serve],
+                    services=[start_filters, control.serve],
                     before_stop=manager.dismount,
                 )
             finally:

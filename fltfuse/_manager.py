@@ -45,6 +45,7 @@ class FilterManager:
     VALUE overrides) are the mount's ``--filter-path`` and ``--param``; they
     apply to filters loaded later too. ``on_change`` runs after every change
     of the stack (the kernel adapter recomputes what the kernel may cache).
+    ``port_directory`` is where the filters' communication ports listen.
     """
 
     def __init__(
@@ -54,8 +55,10 @@ class FilterManager:
         filter_path: Sequence[str | os.PathLike[str]] = (),
         parameters: Mapping[str, Mapping[str, str]] | None = None,
         on_change: Callable[[], None] = lambda: None,
+        port_directory: str | None = None,
     ):
         self.stack = stack
+        self.port_directory = port_directory
         self.filter_path = tuple(filter_path)
         self.parameters = dict(parameters or {})
         self.on_change = on_change
@@ -64,10 +67,18 @@ class FilterManager:
     # -- loading -------------------------------------------------------------------
 
     def start(self, loaded: LoadedFilter, flags: InstanceSetupFlags = InstanceSetupFlags.AUTOMATIC_ATTACHMENT) -> None:
-        """Register a filter loaded elsewhere (at mount time) and attach its default instance automatically."""
+        """Start a filter loaded elsewhere (its ``filter_load`` runs) and attach its default instance automatically.
+
+        Call it in the daemon's trio loop: the filter may create ports.
+        """
         key = loaded.filter.name.lower()
         if key in self.loaded:
             raise ManagerError(NtStatus.OBJECT_NAME_COLLISION, f"filter {loaded.filter.name} is already loaded")
+        loaded.filter.port_directory = self.port_directory
+        try:
+            loaded.filter.start()
+        except StackError as exc:
+            raise ManagerError(exc.status, str(exc)) from exc
         self.loaded[key] = loaded
         log.info("loaded filter %s from %s", loaded.inf.name, loaded.inf.path)
         instance = _loader.default_instance(loaded.filter, loaded.inf)

@@ -24,7 +24,11 @@ Callback contracts (each may be a plain function or a coroutine function):
   ``NtStatus.FLT_DO_NOT_ATTACH``) to decline; ``instance_teardown_start`` and
   ``instance_teardown_complete`` get ``(objects, InstanceTeardownFlags)``;
   ``filter_unload(FilterUnloadFlags)`` runs after the filter's last instance is
-  gone. These are plain functions, except the two teardown callbacks, which may
+  gone. ``filter_load(filter)`` runs once when the filter is loaded, before
+  its first instance attaches (the rest of a DriverEntry: create communication
+  ports there); it returns None or ``NtStatus.SUCCESS``, anything else fails
+  the load. After a successful unload the filter's ports close and their
+  clients are disconnected. These are plain functions, except the two teardown callbacks, which may
   be coroutine functions: they are awaited, so they can close the files the
   instance opened with filter-initiated I/O (``close_file``), as
   FltClose in InstanceTeardownComplete does on Windows.
@@ -180,6 +184,7 @@ class FilterRegistration:
     operations: tuple[OperationRegistration, ...] = ()
     contexts: tuple[Any, ...] = ()
     flags: RegistrationFlags = RegistrationFlags.NONE
+    filter_load: Callable[..., Any] | None = None
     filter_unload: Callable[..., Any] | None = None
     instance_setup: Callable[..., Any] | None = None
     instance_query_teardown: Callable[..., Any] | None = None
@@ -213,6 +218,7 @@ class Operation:
 
 # The instance callbacks and how many positional arguments each takes.
 _INSTANCE_CALLBACKS = {
+    "filter_load": 1,  # (filter)
     "filter_unload": 1,  # (flags)
     "instance_setup": 4,  # (objects, flags, volume_device_type, volume_filesystem_type)
     "instance_query_teardown": 2,  # (objects, flags)

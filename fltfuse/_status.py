@@ -97,7 +97,10 @@ class NtStatus(enum.IntEnum):
     FLT_INVALID_CONTEXT_REGISTRATION = 0xC01C0017
     FLT_NAME_CACHE_MISS = 0xC01C0018
     FLT_CONTEXT_ALREADY_LINKED = 0xC01C0028
+    FLT_NO_WAITER_FOR_REPLY = 0xC01C0020
     PORT_DISCONNECTED = 0xC0000037
+    CONNECTION_REFUSED = 0xC0000236
+    CONNECTION_COUNT_LIMIT = 0xC0000246
 
     @classmethod
     def _missing_(cls, value: object) -> NtStatus | None:
@@ -156,6 +159,7 @@ _ERRNO_TO_STATUS: dict[int, NtStatus] = {
     _errno.ENOTTY: NtStatus.INVALID_DEVICE_REQUEST,
     _errno.ETIMEDOUT: NtStatus.IO_TIMEOUT,
     _errno.ECONNRESET: NtStatus.PORT_DISCONNECTED,
+    _errno.ECONNREFUSED: NtStatus.CONNECTION_REFUSED,
     _errno.ENOLCK: NtStatus.RANGE_NOT_LOCKED,
 }
 _STATUS_TO_ERRNO: dict[int, int] = {status: code for code, status in _ERRNO_TO_STATUS.items()}

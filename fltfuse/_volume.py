@@ -168,6 +168,11 @@ class VolumeState:
         """The daemon's control socket (what fltmc talks to)."""
         return state_root() / f"{self.id}.sock"
 
+    @property
+    def ports_path(self) -> Path:
+        """The directory where the volume's filters' communication ports listen."""
+        return state_root() / f"{self.id}.ports"
+
     def save(self) -> None:
         """Write the state atomically, readable and writable by its owner only.
 
@@ -353,6 +358,7 @@ def _release(state: VolumeState) -> None:
         raise VolumeError("; ".join(errors))
     with contextlib.suppress(FileNotFoundError):
         state.control_path.unlink()
+    shutil.rmtree(state.ports_path, ignore_errors=True)
     with contextlib.suppress(FileNotFoundError):
         state.path.unlink()
 

@@ -66,6 +66,7 @@ from .._callback_data import (
     VolumeStatistics,
     WriteParameters,
 )
+from .._process import groups_of, has_capability
 from .._status import status_from_errno
 from . import _syscalls
 from .inode_table import ROOT_INODE, InodeTable
@@ -480,7 +481,7 @@ class PassthroughBackend:
         path = self._table.proc(cbd.iopb.target_file_object.inode)
         if p.minor == EaMinor.LIST:
             names = [os.fsencode(name) for name in os.listxattr(path)]
-            if not _has_capability(cbd.requestor.pid, cbd.requestor.uid, _CAP_SYS_ADMIN):
+            if not has_capability(cbd.requestor.pid, cbd.requestor.uid, _CAP_SYS_ADMIN):
                 names = [n for n in names if not n.startswith(b"trusted.")]  # as ext4 lists them
             p.names = names
         else:
@@ -515,7 +516,7 @@ class PassthroughBackend:
 
     def _access(self, cbd: CallbackData, p: AccessParameters) -> None:
         st = os.fstat(self._table.fd(cbd.iopb.target_file_object.inode))
-        if not _permits(st, p.mode, cbd.requestor.uid, _groups_of(cbd.requestor.pid, cbd.requestor.gid)):
+        if not _permits(st, p.mode, cbd.requestor.uid, groups_of(cbd.requestor.pid, cbd.requestor.gid)):
             raise OSError(errno.EACCES, "access denied")
 
     def _check_direct_io(self, fd: int, offset: int) -> None:
@@ -578,30 +579,6 @@ class PassthroughBackend:
         assert fd is not None
         sync: Callable[[int], None] = os.fdatasync if p.datasync else os.fsync
         await trio.to_thread.run_sync(sync, fd)
-
-
-def _has_capability(pid: int, uid: int, capability: int) -> bool:
-    """Whether process ``pid`` has ``capability`` in its effective set (uid 0 if it cannot be read)."""
-    try:
-        with open(f"/proc/{pid}/status", "rb") as f:
-            for line in f:
-                if line.startswith(b"CapEff:"):
-                    return bool(int(line.split()[1], 16) >> capability & 1)
-    except OSError:
-        pass
-    return uid == 0
-
-
-def _groups_of(pid: int, gid: int) -> set[int]:
-    groups = {gid}
-    try:
-        with open(f"/proc/{pid}/status", "rb") as f:
-            for line in f:
-                if line.startswith(b"Groups:"):
-                    groups.update(int(g) for g in line.split()[1:])
-    except OSError:
-        pass
-    return groups
 
 
 def _permits(st: os.stat_result, mode: int, uid: int, groups: set[int]) -> bool:

@@ -60,6 +60,7 @@ from .._callback_data import (
     MajorFunction,
     RenameParameters,
 )
+from .._port.server import filter_unloaded
 from .._registration import (
     FilterRegistration,
     FilterUnloadFlags,
@@ -122,6 +123,11 @@ class Filter:
 
     ``parameters`` is the filter's private settings (the Windows ``Parameters``
     registry key): from its INF, with ``--param NAME.KEY=VALUE`` overrides.
+    ``data`` is the filter's own: what a Windows filter keeps in its globals
+    (its ports, its service's client port), kept per loaded filter so that two
+    volumes in one test process do not share it. ``port_directory`` is where
+    its communication ports listen (set by whoever loads it: the daemon, an
+    InProcessVolume); ``ports`` are the ports it created.
     """
 
     def __init__(self, name: str, registration: FilterRegistration, parameters: Mapping[str, Any] | None = None):
@@ -129,10 +135,37 @@ class Filter:
         self.registration = registration
         self.operations = validate(name, registration)
         self.parameters: Mapping[str, Any] = parameters if parameters is not None else MappingProxyType({})
+        self.data: Any = None
+        self.port_directory: str | None = None
+        self.ports: list[Any] = []
+        self.started = False
         self.unloaded = False
 
     def __repr__(self) -> str:
         return f"Filter({self.name!r})"
+
+    def start(self) -> None:
+        """Run the filter's ``filter_load`` callback, once, before its first instance attaches.
+
+        It is the rest of a Windows DriverEntry after FltRegisterFilter: where
+        a filter creates its communication ports. A failure status or an
+        exception fails the load with :class:`StackError` naming the filter.
+        """
+        if self.started:
+            return
+        callback = self.registration.filter_load
+        if callback is not None:
+            try:
+                answer = callback(self)
+            except Exception as exc:
+                filter_unloaded(self)
+                why = f"filter {self.name}: filter_load raised {exc!r}"
+                raise StackError(NtStatus.FLT_INTERNAL_ERROR, why) from exc
+            if answer is not None and answer != NtStatus.SUCCESS:
+                filter_unloaded(self)
+                status = answer if isinstance(answer, NtStatus) else NtStatus.UNSUCCESSFUL
+                raise StackError(status, f"filter {self.name}: filter_load refused to start ({status.name})")
+        self.started = True
 
     def unload(self, flags: FilterUnloadFlags = FilterUnloadFlags.NONE) -> NtStatus:
         """Call the filter's unload callback (once). Returns its answer.
@@ -155,6 +188,7 @@ class Filter:
                 answer = NtStatus.FLT_INTERNAL_ERROR
         if answer is None or answer == NtStatus.SUCCESS or mandatory:
             self.unloaded = True
+            filter_unloaded(self)  # its ports close and its clients disconnect, as FltUnregisterFilter forces
             return NtStatus.SUCCESS
         return answer if isinstance(answer, NtStatus) else NtStatus.FLT_DO_NOT_DETACH
 
@@ -256,6 +290,7 @@ class InstanceStack:
                 raise StackError(
                     NtStatus.FLT_INSTANCE_NAME_COLLISION, f"an instance named {instance.name!r} is attached"
                 )
+        instance.filter.start()
         instance.volume = self.volume
         instance.setup_flags = flags
         instance.contexts = self.contexts

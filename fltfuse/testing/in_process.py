@@ -16,6 +16,8 @@ Use it as an async context manager (under trio)::
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -70,30 +72,59 @@ class InProcessVolume:
         volume = VolumeProperties("directory", None, str(self.directory.absolute()), str(directory))
         self.stack = InstanceStack(self._backend, verifier=verifier, volume=volume)
         overrides = {name.lower(): dict(values) for name, values in (parameters or {}).items()}
+        self.port_directory = tempfile.mkdtemp(prefix="fltfuse-ports-")
+        self.filters: list[Filter] = []  # every filter started here, attached or not
         try:
             for spec in filters:
                 for instance in self._instances(spec, filter_path, overrides):
                     self.stack.attach(instance, InstanceSetupFlags.AUTOMATIC_ATTACHMENT)
         except BaseException:
             self.stack.dismount()  # the instances attached so far, then the descriptors
+            self._unload_filters()
             self._backend.close()
             raise
         self._adapter = KernelAdapter(self.stack, self._backend)
         self._caller = _Caller(os.getpid(), os.geteuid(), os.getegid(), 0o022)
         self._lookups: Counter[int] = Counter()
 
-    @staticmethod
     def _instances(
+        self,
         spec: str | Instance | tuple[Filter, str | Decimal],
         filter_path: Sequence[str | os.PathLike[str]],
         parameters: Mapping[str, Mapping[str, str]],
     ) -> list[Instance]:
+        """The instances ``spec`` attaches; every filter it names is started (its ports open) first."""
         if isinstance(spec, Instance):
-            return [spec]
-        if isinstance(spec, tuple):
+            instances = [spec]
+        elif isinstance(spec, tuple):
             filter_, altitude = spec
-            return [Instance(filter_, f"{filter_.name} Instance", Decimal(altitude))]
-        return _loader.load([spec], filter_path, parameters)
+            instances = [Instance(filter_, f"{filter_.name} Instance", Decimal(altitude))]
+        else:
+            instances = []
+            for loaded in _loader.load_all([spec], filter_path, parameters):
+                self._start(loaded.filter)
+                default = _loader.default_instance(loaded.filter, loaded.inf)
+                instances += [default] if default is not None else []
+        for instance in instances:
+            self._start(instance.filter)
+        return instances
+
+    def _start(self, filter_: Filter) -> None:
+        if filter_ not in self.filters:
+            if filter_.port_directory is None:
+                filter_.port_directory = self.port_directory
+            self.filters.append(filter_)
+            filter_.start()
+
+    def _unload_filters(self) -> None:
+        """Unload (mandatory) every filter started here: their ports close and clients disconnect."""
+        for filter_ in self.filters:
+            filter_.unload_mandatory()
+        shutil.rmtree(self.port_directory, ignore_errors=True)
+
+    def port_path(self, name: str) -> str:
+        """The socket of the communication port ``name`` a filter of this volume created (for fltfuse.port)."""
+        return os.path.join(self.port_directory, name.lstrip("\\/"))
 
     async def __aenter__(self) -> InProcessVolume:
         return self
@@ -104,10 +135,8 @@ class InProcessVolume:
     async def aclose(self) -> None:
         """Unmount while requests may be in flight: detach every instance as a daemon does on SIGTERM
         (teardown with VOLUME_DISMOUNT, draining what each holds), then close."""
-        filters = await self.stack.detach_all(InstanceTeardownFlags.VOLUME_DISMOUNT)
+        await self.stack.detach_all(InstanceTeardownFlags.VOLUME_DISMOUNT)
         self.close()
-        for filter_ in filters:
-            filter_.unload_mandatory()
 
     def close(self) -> None:
         """Unmount with nothing in flight: forget what was looked up, tear the instances down, release descriptors.
@@ -116,6 +145,7 @@ class InProcessVolume:
         """
         self._backend_forget()
         self.stack.dismount()
+        self._unload_filters()
         self._backend.close()
         if self.stack.verifier and self.stack.contexts.leaks:
             raise VerifierError("contexts leaked at teardown: " + "; ".join(self.stack.contexts.leaks))
