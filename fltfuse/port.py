@@ -76,6 +76,7 @@ __all__ = [
     "PortTimeoutError",
     "connect_communication_port",
     "find_port",
+    "find_ports",
     "open_filter_port",
 ]
 
@@ -120,13 +121,19 @@ def find_port(name: str, volume: str | os.PathLike[str] | None = None) -> Path:
         if not found:
             raise PortNotFoundError(f"no port {bare} on the volume mounted at {volume}")
         return found[0]
-    found = sorted({p for root in _roots() if root.is_dir() for p in root.glob(f"*.ports/{bare}") if p.is_socket()})
+    found = find_ports(bare)
     if not found:
         raise PortNotFoundError(f"no port {bare}: no mounted volume has a filter listening on it")
     if len(found) > 1:
         volumes = ", ".join(p.parent.name.removesuffix(".ports") for p in found)
         raise PortError(f"port {bare} exists on several volumes ({volumes}): name one with volume=", 0xC0000035)
     return found[0]
+
+
+def find_ports(name: str) -> list[Path]:
+    """The sockets of every port called ``name`` on the volumes mounted here (a service serving them all)."""
+    bare = port_name(name)
+    return sorted({p for root in _roots() if root.is_dir() for p in root.glob(f"*.ports/{bare}") if p.is_socket()})
 
 
 def _connect_failed(path: Path, exc: OSError) -> PortError:
@@ -161,6 +168,8 @@ def _reading(path: Path, fail: Callable[[PortError], None]) -> Iterator[None]:
 
 
 def _check_capacity(frame: Frame, capacity: int) -> bytes:
+    if frame.aux == PortBufferOverflowError.status:  # the daemon's verdict on an answer longer than the capacity
+        raise PortBufferOverflowError(f"the filter's answer is longer than the capacity of {capacity} bytes")
     if frame.aux != _SUCCESS:
         raise PortError(f"the filter answered with status 0x{frame.aux:08X}", frame.aux)
     if len(frame.payload) > capacity:

@@ -12,6 +12,7 @@ packages=(
   attr acl                                                     # getfattr/setfattr, getfacl/setfacl
   fio loggedfs                                                 # the benchmark: I/O rows, and LoggedFS as a peer
   rsync sqlite3 git make tar coreutils findutils psmisc        # the tools the integration tests use
+  clamav clamav-daemon                                         # the scanner's ClamAV engine: clamd, clamscan, sigtool
 )
 
 if [ "$(id -u)" != 0 ]; then
@@ -54,4 +55,6 @@ fi
 # which strips fstab's own options and runs `fltfuse SOURCE MOUNTPOINT -o ...` from PATH.
 ln -sf "$here/.venv/bin/fltfuse" /usr/local/bin/fltfuse
 ln -sf "$here/.venv/bin/fltmc" /usr/local/bin/fltmc
+ln -sf "$here/.venv/bin/minispy" /usr/local/bin/minispy
+ln -sf "$here/.venv/bin/fltfuse-scanner" /usr/local/bin/fltfuse-scanner
 rm -f /usr/local/sbin/mount.fuse.fltfuse  # an earlier install's helper link: mount(8) never looked there

@@ -105,7 +105,7 @@ class PortSecurity:
             return True
         if uid == self.owner:
             return bool(self.mode & 0o200)
-        if self.group is not None and self.group in groups:
+        if (os.getegid() if self.group is None else self.group) in groups:  # the socket file's group
             return bool(self.mode & 0o020)
         return bool(self.mode & 0o002)
 
@@ -363,7 +363,7 @@ async def send_message(
     finally:
         client._waiting.pop(message_id, None)
     if scope.cancelled_caught:
-        what = "a reply" if waiter is not None else "delivery"
+        what = "reply" if waiter is not None else "delivery"
         raise PortTimeoutError(f"port {client.port.name}: no {what} from {client.peer} within {timeout} s")
     assert waiter is not None
     if waiter.error is not None:
@@ -381,11 +381,15 @@ async def send_message(
 
 
 def filter_unloaded(filter_: Any) -> None:
-    """A filter unloads: its server ports close (a port left open is a filter bug) and every client is
-    disconnected, each with its disconnect callback (as FltUnregisterFilter forces it)."""
+    """A filter unloads: its server ports still open close, and every client is disconnected, each with
+    its disconnect callback (as FltUnregisterFilter forces it).
+
+    On Windows a filter must close its server ports in its unload routine or
+    the unload hangs; here the unload callback (which gets only the flags)
+    may leave them, and they close after it agrees to unload.
+    """
     for port in filter_.ports:
         if not port.closed:
-            log.warning("filter bug: filter %s unloaded with port %s open; closing it", filter_.name, port.name)
             close_communication_port(port)
         for client in list(port.clients):
             client._disconnect("the filter unloaded")

@@ -32,6 +32,7 @@ from .contexts import (
 )
 from .generated_io import (
     allocate_callback_data,
+    cancel_file_open,
     close_file,
     create_file,
     flush_buffers,
@@ -91,6 +92,7 @@ __all__ = [
     "VerifierError",
     "allocate_callback_data",
     "allocate_context",
+    "cancel_file_open",
     "clear_cancel_completion",
     "close_file",
     "complete_cancelled",

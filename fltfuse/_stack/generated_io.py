@@ -2,7 +2,7 @@
 
 Windows counterparts: ``FltCreateFile``, ``FltReadFile``, ``FltWriteFile``,
 ``FltQueryInformationFile``, ``FltSetInformationFile``, ``FltFlushBuffers``,
-``FltClose``, ``FltAllocateCallbackData``, ``FltPerformSynchronousIo`` and
+``FltClose``, ``FltCancelFileOpen``, ``FltAllocateCallbackData``, ``FltPerformSynchronousIo`` and
 ``FltPerformAsynchronousIo``.
 
 Every call takes the initiating instance's related objects (``objects``).
@@ -154,7 +154,9 @@ async def create_file(
     Each directory in the path is looked up below the instance (LOOKUP
     requests the instances below see), then the file is opened (CREATE with
     disposition OPEN or OVERWRITE) or made (CREATE, OPEN_IF or OVERWRITE_IF
-    with ``mode``). A directory is opened when it is one (or O_DIRECTORY).
+    with ``mode``). A directory is opened when it is one (or O_DIRECTORY);
+    ``O_DIRECTORY | O_CREAT`` makes it first if it is missing (FILE_DIRECTORY_FILE
+    with FILE_OPEN_IF).
     Returns the open FileObject; close it with :func:`close_file`.
     """
     stack = _stack(objects)
@@ -201,6 +203,13 @@ async def _open(
 ) -> FileObject:
     stack = _stack(objects)
     requestor = _daemon()
+    if existing is None and flags & os.O_DIRECTORY:  # a directory to make (mkdir), then open
+        made = CreateParameters(
+            CreateDisposition.CREATE, FileType.DIRECTORY, os.O_DIRECTORY, parent, name, _stat.S_IMODE(mode)
+        )
+        await _generated(objects, FileObject(parent, None, 0, requestor), made, f"mkdir {name!r}", top_of_stack)
+        existing = made.attributes  # the lookup the volume counted for it is this open's
+        assert existing is not None
     if existing is None:  # not there, and O_CREAT
         disposition = CreateDisposition.for_open(flags, exists=False)
         file_object = FileObject(parent, None, flags, requestor)
@@ -286,6 +295,31 @@ async def flush_buffers(objects: Any, file_object: FileObject, *, top_of_stack: 
     """FltFlushBuffers: fsync(2) the file."""
     directory = bool(file_object.flags & os.O_DIRECTORY)
     await _generated(objects, file_object, FlushBuffersParameters(False, directory), "flush", top_of_stack)
+
+
+async def cancel_file_open(objects: Any, cbd: CallbackData, status: NtStatus = NtStatus.ACCESS_DENIED) -> None:
+    """FltCancelFileOpen: from a post-CREATE, undo the open the file system made and fail the request.
+
+    The instances below see CLEANUP and CLOSE for the handle (their stream
+    handle contexts go), then the request completes with ``status`` (an error
+    status). A CREATE that made a new object leaves it made, as on Windows; the
+    volume gives back the lookup the kernel will never get.
+    """
+    params = cbd.iopb.parameters
+    target = cbd.iopb.target_file_object
+    if not isinstance(params, CreateParameters) or target.handle is None or cbd.io_status.status >= 0x80000000:
+        raise OSError(errno.EINVAL, f"cancel_file_open needs a CREATE that opened a handle, not {cbd!r}")
+    if not NtStatus(status).is_error:
+        raise ValueError(f"cancel_file_open fails the open: {status!r} is not an error status")
+    stack = _stack(objects)
+    handle = target.handle
+    for close in (CleanupParameters(), CloseParameters(params.file_type is FileType.DIRECTORY)):
+        await perform_io_synchronously(objects, allocate_callback_data(objects, target, close))
+    stack.contexts.handle_closed(handle)
+    if params.name:  # the file system made or opened it by name: the kernel never gets the entry
+        _forget(stack, target.inode)
+    cbd.io_status.status = status
+    cbd.io_status.information = 0
 
 
 async def close_file(objects: Any, file_object: FileObject, *, top_of_stack: bool = False) -> None:
