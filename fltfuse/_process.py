@@ -7,6 +7,8 @@ own services (a scanner must not scan its scanning service's I/O).
 
 from __future__ import annotations
 
+import os
+
 
 def _status(pid: int) -> dict[bytes, bytes]:
     """The fields of /proc/PID/status (empty if the process is gone or unreadable)."""
@@ -34,10 +36,12 @@ def has_capability(pid: int, uid: int, capability: int) -> bool:
     return bool(int(effective, 16) >> capability & 1)
 
 
-def thread_group_of(tid: int) -> int:
-    """The process (thread group) a thread id belongs to: FUSE names the calling thread, not its process."""
-    tgid = _status(tid).get(b"Tgid")
-    return int(tgid) if tgid else tid
+def service_threads(pid: int) -> frozenset[int]:
+    """The thread ids of process ``pid`` (empty once it is gone): FUSE names the calling thread, not its process."""
+    try:
+        return frozenset(int(tid) for tid in os.listdir(f"/proc/{pid}/task"))
+    except (OSError, ValueError):
+        return frozenset()
 
 
 def process_name(pid: int) -> str:
@@ -47,3 +51,9 @@ def process_name(pid: int) -> str:
             return f.read().strip().decode(errors="replace") or "?"
     except OSError:
         return "?"
+
+
+def thread_group_of(tid: int) -> int:
+    """The process (thread group) a thread id belongs to: FUSE names the calling thread, not its process."""
+    tgid = _status(tid).get(b"Tgid")
+    return int(tgid) if tgid else tid

@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
@@ -100,7 +101,7 @@ from fltfuse import (
     release_context,
     send_message,
 )
-from fltfuse._process import thread_group_of
+from fltfuse._process import service_threads
 
 from . import protocol
 from .protocol import ProtocolError, ScanResult
@@ -133,6 +134,9 @@ class ScannerData:
     fingerprint: str = ""
     verdicts: OrderedDict[int, _Verdict] = field(default_factory=OrderedDict)
     stats: Counter[str] = field(default_factory=Counter)
+    _tids: frozenset[int] = frozenset()
+    _tids_of: int = 0
+    _tids_read: float = 0.0
 
     def wants(self, name: str) -> bool:
         if self.extensions is None:
@@ -144,7 +148,14 @@ class ScannerData:
         client = self.client
         if client is None or not requestor.pid:
             return False
-        return requestor.pid == client.pid or thread_group_of(requestor.pid) == client.pid
+        if requestor.pid == client.pid:
+            return True
+        # FUSE names the calling thread: a thread of the service's process? (one /proc read per second at most)
+        now = time.monotonic()
+        if now - self._tids_read > 1.0 or self._tids_of != client.pid:
+            self._tids = service_threads(client.pid)
+            self._tids_of, self._tids_read = client.pid, now
+        return requestor.pid in self._tids
 
     def cached(self, ino: int, attributes: FileAttributes) -> _Verdict | None:
         verdict = self.verdicts.get(ino)
