@@ -201,14 +201,14 @@ def connect_communication_port(
         sock.sendall(encode(Frame(FrameKind.CONNECT, payload=bytes(context))))
         decoder = Decoder(FROM_DAEMON)
         frames: list[Frame] = []
-        while not frames:
+        while not frames:  # recvmsg: a message the filter sends at once may come along, with its descriptors
             try:
-                data = sock.recv(RECEIVE_SIZE)
+                received = decoder.received(*sock.recvmsg(RECEIVE_SIZE, ANCILLARY_SIZE)[:3])
             except TimeoutError as exc:
                 raise PortTimeoutError(f"{path}: no answer to CONNECT within {timeout} s") from exc
-            if not data:
+            if received is None:
                 raise PortRefusedError(f"{path}: the daemon closed the connection")
-            frames = decoder.feed(data)
+            frames = received
         error = _refusal(frames[0], path)
         if error is not None:
             raise error
@@ -362,11 +362,11 @@ async def open_filter_port(
                 raise _connect_failed(path, exc) from exc
             await sock.send(encode(Frame(FrameKind.CONNECT, payload=bytes(context))))
             frames: list[Frame] = []
-            while not frames:
-                data = await sock.recv(RECEIVE_SIZE)
-                if not data:
+            while not frames:  # recvmsg: a message the filter sends at once may come along, with its descriptors
+                received = decoder.received(*(await sock.recvmsg(RECEIVE_SIZE, ANCILLARY_SIZE))[:3])
+                if received is None:
                     raise PortRefusedError(f"{path}: the daemon closed the connection")
-                frames = decoder.feed(data)
+                frames = received
         if scope.cancelled_caught:
             raise PortTimeoutError(f"{path}: no answer to CONNECT within {timeout} s")
         error = _refusal(frames[0], path)

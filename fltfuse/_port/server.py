@@ -91,8 +91,8 @@ class PortSecurity:
     connect if it is root, listed in ``allowed_uids``, or allowed write access
     by ``mode`` as ``owner`` or as a member of ``group`` (primary or
     supplementary) or as anyone else. With ``allowed_uids`` the socket file is
-    made writable by others so that those users can reach it at all; the
-    credential check stays exact.
+    made writable by its group and others so that those users can reach it at
+    all (whatever their groups); the credential check stays exact.
     """
 
     owner: int = 0
@@ -111,7 +111,7 @@ class PortSecurity:
 
     @property
     def file_mode(self) -> int:
-        return (self.mode | (0o002 if self.allowed_uids else 0)) & 0o777
+        return (self.mode | (0o022 if self.allowed_uids else 0)) & 0o777
 
 
 ConnectNotify = Callable[["ClientPort", Any, bytes], Any]
@@ -509,34 +509,46 @@ def _admission(client: ClientPort) -> tuple[int, str] | None:
 
 
 async def _serve_messages(client: ClientPort, decoder: Decoder) -> None:
+    """The client's frames until it goes: replies wake the filter's sends, requests go to its message callback.
+
+    A protocol violation ends the nursery and is raised as it is (not in an
+    exception group), for the caller to log and disconnect.
+    """
     in_flight = [0]
+    violation: PortProtocolError | None = None
     async with trio.open_nursery() as nursery:
-        while client.connected:
-            frames = await _receive(client, decoder)
-            if frames is None:
-                break
-            for frame in frames:
-                if frame.kind is FrameKind.REPLY:
-                    waiter = client._waiting.get(frame.message_id)
-                    if waiter is None:
-                        log.debug(
-                            "port %s: %s replied to message %d, which waits no more",
-                            client.port.name,
-                            client.peer,
-                            frame.message_id,
-                        )
+        try:
+            while client.connected:
+                frames = await _receive(client, decoder)
+                if frames is None:
+                    break
+                for frame in frames:
+                    if frame.kind is FrameKind.REPLY:
+                        waiter = client._waiting.get(frame.message_id)
+                        if waiter is None:
+                            log.debug(
+                                "port %s: %s replied to message %d, which waits no more",
+                                client.port.name,
+                                client.peer,
+                                frame.message_id,
+                            )
+                        else:
+                            waiter.frame = frame
+                            waiter.event.set()
+                    elif frame.kind is FrameKind.REQUEST:
+                        if in_flight[0] >= MAX_REQUESTS_IN_FLIGHT:
+                            status = NtStatus.INSUFFICIENT_RESOURCES
+                            nursery.start_soon(_respond, client, frame.message_id, status, b"")
+                        else:
+                            in_flight[0] += 1
+                            nursery.start_soon(_handle_request, client, frame, in_flight)
                     else:
-                        waiter.frame = frame
-                        waiter.event.set()
-                elif frame.kind is FrameKind.REQUEST:
-                    if in_flight[0] >= MAX_REQUESTS_IN_FLIGHT:
-                        nursery.start_soon(_respond, client, frame.message_id, NtStatus.INSUFFICIENT_RESOURCES, b"")
-                    else:
-                        in_flight[0] += 1
-                        nursery.start_soon(_handle_request, client, frame, in_flight)
-                else:
-                    raise PortProtocolError("a second CONNECT")
+                        raise PortProtocolError("a second CONNECT")
+        except PortProtocolError as exc:
+            violation = exc
         nursery.cancel_scope.cancel()
+    if violation is not None:
+        raise violation
 
 
 async def _handle_request(client: ClientPort, frame: Frame, in_flight: list[int]) -> None:

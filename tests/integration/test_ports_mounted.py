@@ -1,0 +1,144 @@
+"""Communication ports on a real mount: the daemon's port sockets, clients in processes of their own, fltmc unload.
+
+The helper filter ``porttest`` (``port_filters/``) creates one port in its
+``filter_load`` and logs each connect and disconnect in the daemon's log; the
+clients are ``port_filters/porttest_client.py`` processes. Each mount names
+its port after the test process, so that a bare port name finds this mount's
+port even while other tests' daemons have ports of their own.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import stat
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fltfuse._port.wire import Frame, FrameKind, encode
+from fltfuse._volume import state_root, volume_id
+from fltfuse.port import find_ports
+from fltfuse.testing import MountedVolume, mounted_volume, why_no_mount
+from tests.integration.port_filters.porttest_client import ClientProcess
+
+pytestmark = pytest.mark.skipif(why_no_mount() is not None, reason=str(why_no_mount()))
+
+FILTER_PATH = (str(Path(__file__).resolve().parent / "port_filters" / "inf"),)
+PORT = f"PortTest-{os.getpid()}"
+
+
+def ports_directory(vol: MountedVolume) -> Path:
+    """Where the daemon of ``vol`` keeps its filters' port sockets."""
+    return state_root() / f"{volume_id(vol.mountpoint)}.ports"
+
+
+def parameters(port: str, mode: str = "0640") -> dict[str, dict[str, str]]:
+    return {"porttest": {"PortName": port, "PortMode": mode}}
+
+
+@pytest.fixture(scope="module")
+def vol(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MountedVolume]:
+    directory = tmp_path_factory.mktemp("ports", numbered=True)
+    with mounted_volume(
+        directory, size="128M", filters=("porttest",), filter_path=FILTER_PATH, parameters=parameters(PORT)
+    ) as mounted:
+        yield mounted
+
+
+@pytest.fixture(autouse=True)
+def clean_log(vol: MountedVolume) -> Iterator[None]:
+    """The daemon logs no error or traceback during the test."""
+    start = len(vol.log_text())
+    yield
+    bad = [line for line in vol.log_text()[start:].splitlines() if re.search(r" (ERROR|CRITICAL) |Traceback", line)]
+    assert not bad, "the daemon logged errors:\n" + "\n".join(bad)
+
+
+def fltmc(*argv: str) -> subprocess.CompletedProcess[str]:
+    done = subprocess.run([sys.executable, "-m", "fltfuse.fltmc", *argv], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, f"fltmc {' '.join(argv)}: {done.stderr}"
+    return done
+
+
+def test_the_port_is_a_socket_in_the_volumes_ports_directory(vol: MountedVolume) -> None:
+    directory = ports_directory(vol)
+    assert stat.S_IMODE(directory.stat().st_mode) == 0o755  # other users reach the sockets the security allows
+    socket_file = (directory / PORT).stat()
+    assert stat.S_ISSOCK(socket_file.st_mode) and stat.S_IMODE(socket_file.st_mode) == 0o640
+    assert socket_file.st_uid == 0 and socket_file.st_gid == os.getegid()
+    assert f"filter porttest: port {PORT} listening on {directory / PORT} (mode 640)" in vol.log_text()
+    assert find_ports(PORT) == [directory / PORT]  # the one volume with a port of that name
+    with ClientProcess(PORT, "v1", user=65534, group=65534, extra_groups=[]) as stranger:  # finds it by name
+        assert stranger.first["error"] == "PortRefusedError", stranger.first
+        assert stranger.first["status"] == 0xC0000022  # ACCESS_DENIED: mode 0640 lets no other user write to it
+
+
+@pytest.mark.parametrize("how", ["volume", "bare name", "backslash name", "path"])
+def test_a_client_process_connects_by_name(
+    vol: MountedVolume, wait_for: Callable[..., Any], how: str, tmp_path: Path
+) -> None:
+    target = {"volume": PORT, "bare name": PORT, "backslash name": "\\" + PORT, "path": ""}[how]
+    if how == "path":
+        target = str(ports_directory(vol) / PORT)
+    volume = vol.mountpoint if how == "volume" else None
+    with ClientProcess(target, f"by {how}", volume=volume) as client:
+        assert client.first == {"connected": client.pid}
+        assert client.command("send hello") == {"answer": "echo:hello"}
+        wait_for(lambda: f"porttest: connected pid {client.pid} context by {how}" in vol.log_text(), "its connect")
+    wait_for(lambda: f"porttest: disconnected pid {client.pid}" in vol.log_text(), "its disconnect callback")
+
+
+def test_names_that_find_no_port(vol: MountedVolume, tmp_path: Path) -> None:
+    with ClientProcess("NoSuchPort", "v1", volume=vol.mountpoint) as client:
+        assert client.first["error"] == "PortNotFoundError", client.first
+        assert f"no port NoSuchPort on the volume mounted at {vol.mountpoint}" in client.first["message"]
+    with ClientProcess(PORT, "v1", volume=str(tmp_path)) as client:  # not a mounted volume
+        assert client.first["error"] == "PortNotFoundError", client.first
+    with ClientProcess(PORT, "bad", volume=vol.mountpoint) as client:
+        assert client.first["error"] == "PortRefusedError", client.first
+        assert "porttest speaks no context b'bad'" in client.first["message"]
+
+
+def test_a_bad_client_does_not_harm_the_mount(vol: MountedVolume, wait_for: Callable[..., Any]) -> None:
+    data = Path(vol.mountpoint) / "survivor.txt"
+    data.write_bytes(b"still here\n")
+    with ClientProcess(PORT, "good", volume=vol.mountpoint) as good:
+        for garbage in (b"\xff" * 100, encode(Frame(FrameKind.CONNECT, payload=b"v1")) + b"FP\x09" + b"\0" * 21):
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as bad:
+                bad.settimeout(10)
+                bad.connect(str(ports_directory(vol) / PORT))
+                bad.sendall(garbage)
+                while bad.recv(4096):  # the daemon hangs up on it
+                    pass
+        wait_for(lambda: len(re.findall(r"broke the protocol", vol.log_text())) >= 2, "the protocol errors' log lines")
+        assert "bad magic" in vol.log_text() and "wire format version 9" in vol.log_text()
+        assert subprocess.run(["cat", str(data)], capture_output=True, timeout=30).stdout == b"still here\n"
+        assert good.command("send after") == {"answer": "echo:after"}
+
+
+def test_fltmc_unload_disconnects_the_client_and_removes_the_socket(
+    tmp_path: Path, wait_for: Callable[..., Any]
+) -> None:
+    port = f"PortUnload-{os.getpid()}"
+    with mounted_volume(
+        tmp_path, size="128M", filters=("porttest",), filter_path=FILTER_PATH, parameters=parameters(port, "0600")
+    ) as mounted:
+        path = ports_directory(mounted) / port
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        with ClientProcess(port, "unloaded", volume=mounted.mountpoint) as client:
+            assert client.first == {"connected": client.pid}
+            client.write("get")
+            fltmc("unload", "porttest", mounted.mountpoint)
+            outcome = client.read()  # its get_message waited, and got the disconnection
+            assert outcome["error"] == "PortDisconnectedError", outcome
+            assert not path.exists()
+            wait_for(lambda: f"porttest: disconnected pid {client.pid}" in mounted.log_text(), "its disconnect")
+        directory = ports_directory(mounted)
+        assert directory.is_dir() and not any(directory.iterdir())
+    assert not directory.exists()  # the unmount removed the volume's ports directory
