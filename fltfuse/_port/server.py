@@ -457,43 +457,45 @@ async def _receive(client: ClientPort, decoder: Decoder) -> list[Frame] | None:
 async def _handshake(client: ClientPort, decoder: Decoder) -> bool:
     """CONNECT -> CONNECTED: the port's checks, then the filter's connect callback. True: accepted."""
     port = client.port
-    with trio.move_on_after(HANDSHAKE_TIMEOUT):
+    frames: list[Frame] | None = None
+    with trio.move_on_after(HANDSHAKE_TIMEOUT) as waiting:
         frames = await _receive(client, decoder)
-        if frames is None:
-            return False
-        first = frames[0]
-        if first.kind is not FrameKind.CONNECT or len(frames) > 1:
-            raise PortProtocolError("the first frame must be CONNECT, alone")
-        if len(first.payload) > MAX_CONTEXT:
-            raise PortProtocolError(f"a connection context of {len(first.payload)} bytes (at most {MAX_CONTEXT})")
-        refusal = _admission(client)
-        if refusal is None:
-            port.clients.append(client)  # holds its place while the filter decides
-            client.connected = True
-            try:
-                client.cookie = await _maybe_await(port.connect_notify(client, port.server_cookie, first.payload))
-            except PortRefusedError as exc:
-                refusal = exc.status, str(exc)
-            except Exception as exc:
-                log.error("filter bug: port %s: connect_notify raised %r", port.name, exc, exc_info=exc)
-                refusal = NtStatus.FLT_INTERNAL_ERROR, "the filter failed"
-            if refusal is not None or not client.connected:  # refused, or closed by the filter meanwhile
-                client.connected = False
-                if client in port.clients:
-                    port.clients.remove(client)
-        if refusal is not None:
-            status, why = refusal
-            log.info("port %s: refused %s: %s", port.name, client.peer, why)
-            await client._send(Frame(FrameKind.CONNECTED, 0, status, why.encode()))
-            return False
-        if not client.connected:
-            return False
-        port.connections += 1
-        log.info("port %s: %s connected", port.name, client.peer)
-        await client._send(Frame(FrameKind.CONNECTED, 0, NtStatus.SUCCESS))
-        return True
-    log.warning("port %s: %s sent no CONNECT within %s s; disconnected", port.name, client.peer, HANDSHAKE_TIMEOUT)
-    return False
+    if waiting.cancelled_caught:
+        log.warning("port %s: %s sent no CONNECT within %s s; disconnected", port.name, client.peer, HANDSHAKE_TIMEOUT)
+        return False
+    if frames is None:
+        return False
+    first = frames[0]
+    if first.kind is not FrameKind.CONNECT or len(frames) > 1:
+        raise PortProtocolError("the first frame must be CONNECT, alone")
+    if len(first.payload) > MAX_CONTEXT:
+        raise PortProtocolError(f"a connection context of {len(first.payload)} bytes (at most {MAX_CONTEXT})")
+    refusal = _admission(client)
+    if refusal is None:
+        port.clients.append(client)  # holds its place while the filter decides
+        client.connected = True
+        try:
+            client.cookie = await _maybe_await(port.connect_notify(client, port.server_cookie, first.payload))
+        except PortRefusedError as exc:
+            refusal = exc.status, str(exc)
+        except Exception as exc:
+            log.error("filter bug: port %s: connect_notify raised %r", port.name, exc, exc_info=exc)
+            refusal = NtStatus.FLT_INTERNAL_ERROR, "the filter failed"
+        if refusal is not None or not client.connected:  # refused, or closed by the filter meanwhile
+            client.connected = False
+            if client in port.clients:
+                port.clients.remove(client)
+    if refusal is not None:
+        status, why = refusal
+        log.info("port %s: refused %s: %s", port.name, client.peer, why)
+        await client._send(Frame(FrameKind.CONNECTED, 0, status, why.encode()))
+        return False
+    if not client.connected:
+        return False
+    port.connections += 1
+    log.info("port %s: %s connected", port.name, client.peer)
+    await client._send(Frame(FrameKind.CONNECTED, 0, NtStatus.SUCCESS))
+    return True
 
 
 def _admission(client: ClientPort) -> tuple[int, str] | None:

@@ -73,6 +73,7 @@ class InProcessVolume:
         self.stack = InstanceStack(self._backend, verifier=verifier, volume=volume)
         overrides = {name.lower(): dict(values) for name, values in (parameters or {}).items()}
         self.port_directory = tempfile.mkdtemp(prefix="fltfuse-ports-")
+        os.chmod(self.port_directory, 0o755)  # as a daemon's: each port's own mode decides who reaches it
         self.filters: list[Filter] = []  # every filter started here, attached or not
         try:
             for spec in filters:
