@@ -35,8 +35,10 @@ Design and operation
   or truncate through the mount drops the entry at once; anything else that
   changes the file (even on the backing volume behind the mount's back)
   changes its ctime; a rename over a name puts another inode there. A new
-  fingerprint (in the service's connection, a reply, or a ``database``
-  message) empties the cache.
+  fingerprint (in the service's connection or a ``database`` message)
+  empties the cache; a verdict whose reply names another fingerprint than
+  the current one (judged just before or after a change) is obeyed but not
+  cached.
 * **No verdict** (no service connected, no reply within ``ScanTimeout``
   milliseconds, the service dying mid-scan, an engine error): ``Policy``
   decides, ``allow`` (open or write proceeds, logged) or ``deny`` (EACCES).
@@ -165,7 +167,9 @@ class ScannerData:
         return verdict
 
     def record(self, ino: int, attributes: FileAttributes, result: ScanResult) -> None:
-        self.use_fingerprint(result.fingerprint)
+        """Cache a verdict judged with the current signature database (one judged with another is not kept)."""
+        if result.fingerprint != self.fingerprint:
+            return
         self.verdicts[ino] = _Verdict(
             result.verdict == "infected", _marker(attributes), self.fingerprint, result.signature
         )
@@ -236,7 +240,10 @@ def filter_load(filter_: Filter) -> None:
         log.info("scanner: service pid %d disconnected", client.pid)
 
     def message(client: ClientPort, raw: bytes, reply_capacity: int) -> bytes:
-        header, _ = protocol.decode(raw)
+        try:
+            header, _ = protocol.decode(raw)
+        except ProtocolError as exc:  # the client's mistake, answered as such: not a filter bug
+            return protocol.encode({"ok": False, "error": str(exc)})
         if header.get("op") == "database":
             data.use_fingerprint(str(header.get("fingerprint", "")))
             return protocol.encode({"ok": True})
@@ -443,6 +450,7 @@ async def pre_write(cbd: CallbackData, objects: RelatedObjects) -> PreopCallback
         return PreopCallbackStatus.SUCCESS_NO_CALLBACK
     if file_object.handle is not None:
         handle_context = find_or_create_context(objects, ContextType.STREAM_HANDLE, _written)
+        handle_context.rescan = True  # also when an earlier close(2) of this handle (a dup) rescanned it
         release_context(handle_context)
     if not data.scan_writes:
         return PreopCallbackStatus.SUCCESS_NO_CALLBACK

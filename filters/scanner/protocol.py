@@ -15,8 +15,9 @@ The filter sends (FltSendMessage), on port ``ScannerPort``:
   "reason": "write"}`` with the write's data as the body.
 
 The service replies ``{"v": 1, "verdict": "clean" | "infected" | "error",
-"signature", "engine", "fingerprint", "error"}``; ``fingerprint`` names its
-signature database: when it changes, every cached verdict is stale.
+"signature", "engine", "fingerprint", "error"}``; ``fingerprint`` names the
+signature database the verdict was judged with (taken before the scan: never
+newer than that database).
 
 The service sends (FilterSendMessage) ``{"v": 1, "op": "database",
 "fingerprint"}`` when its database changes; the filter answers ``{"v": 1,

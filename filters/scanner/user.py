@@ -61,6 +61,7 @@ class Service:
         self.connections: dict[Path, FilterPort] = {}
         self.stopping = threading.Event()
         self._fingerprint = engine.fingerprint()
+        self._refusals: dict[Path, str] = {}  # the last reason each port refused us: said once, not every second
 
     def run(self) -> None:
         """Serve until stopped: connect to new ports, notice database changes, every second."""
@@ -93,8 +94,11 @@ class Service:
             try:
                 port = connect_communication_port(str(path), hello)
             except PortError as exc:
-                log.warning("cannot connect to %s: %s", path, exc)
+                if self._refusals.get(path) != str(exc):
+                    self._refusals[path] = str(exc)
+                    log.warning("cannot connect to %s: %s (trying again every second)", path, exc)
                 continue
+            self._refusals.pop(path, None)
             self.connections[path] = port
             log.info("serving %s with %d thread(s), engine %s", path, self.threads, self.engine.name)
             for number in range(self.threads):
@@ -136,7 +140,13 @@ class Service:
                 return
 
     def _judge(self, message: PortMessage) -> bytes:
-        """The reply to one scan message: the verdict, or an error the filter's policy handles."""
+        """The reply to one scan message: the verdict, or an error the filter's policy handles.
+
+        The verdict is tagged with the fingerprint the service knew before the scan (the database watch changes
+        it only once the engine scans with the new database), so it never names a newer database than the one it
+        was judged with; the filter caches only verdicts of the database it knows as current.
+        """
+        fingerprint = self._fingerprint
         try:
             header, body = protocol.decode(message.data)
             kind = header.get("kind")
@@ -152,11 +162,11 @@ class Service:
         except (protocol.ProtocolError, EngineError, OSError) as exc:
             log.error("scan failed: %s", exc)
             return protocol.ScanResult(
-                "error", engine=self.engine.name, fingerprint=self._fingerprint, error=str(exc)
+                "error", engine=self.engine.name, fingerprint=fingerprint, error=str(exc)
             ).encode()
         _log_verdict(header, verdict)
         result = "infected" if verdict.infected else "clean"
-        return protocol.ScanResult(result, verdict.signature, verdict.engine, self._fingerprint).encode()
+        return protocol.ScanResult(result, verdict.signature, verdict.engine, fingerprint).encode()
 
 
 def _log_verdict(header: dict[str, object], verdict: Verdict) -> None:

@@ -3,7 +3,8 @@
 Every conformance test runs three times: on a volume with the empty stack, on
 one with a transparent stack (three passthrough instances, one of them
 attached by hand, and nullfilter), and on one with the context samples (ctx,
-delete, change), which must all behave exactly as ext4 too.
+delete, change) and minispy's three instances, which must all behave exactly
+as ext4 too.
 """
 
 from __future__ import annotations
@@ -24,8 +25,12 @@ _STACKS = {
         ("passthrough", "nullfilter"),
         (("passthrough", "PassThrough 2", "370031"), ("passthrough", "PassThrough 0", "370029")),
     ),
-    # filters that keep contexts and query names on every request, and must still be transparent
-    "contexts": (("ctx", "delete", "change"), ()),
+    # filters that keep contexts and query names on every request, and must still be transparent:
+    # the context samples, and minispy's three instances logging every request around them
+    "contexts": (
+        ("ctx", "delete", "change", "minispy"),
+        (("minispy", "Minispy - Middle Instance", "370000"), ("minispy", "Minispy - Bottom Instance", "361000")),
+    ),
 }
 
 
