@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import shutil
 import signal
 import statistics
 import subprocess
@@ -139,7 +140,7 @@ def main() -> int:
         results.setdefault(key, []).append(fn(directory, count))
 
     with tempfile.TemporaryDirectory(prefix="fltfuse-scanbench-", dir=args.tmpdir) as tmp:
-        size = f"{(4 * args.large + args.files * 8192 * args.rounds * 2) // (1 << 20) + 512 * args.rounds}M"
+        size = f"{(3 * args.large + args.files * 8192) // (1 << 20) + 1024}M"  # one round's files at a time
         with mounted_volume(tmp, size=size) as vol:
             raw, mnt = Path(vol.backing), Path(vol.mountpoint)
             service = None
@@ -163,6 +164,7 @@ def main() -> int:
                             for attempt in ("first", "again"):
                                 measure(f"large {attempt} {label}", read_large, root / name, args.large)
                             measure(f"write - {label}", write_large, root / name, args.large)
+                        shutil.rmtree(raw / name)  # on the raw ext4: no scan, no filter sees it
                         print(f"round {rnd + 1}/{args.rounds} on the {stack} stack done", file=sys.stderr)
             finally:
                 if service is not None:
