@@ -87,7 +87,9 @@ HANDSHAKE_TIMEOUT = 5.0
 class PortSecurity:
     """Who may connect to a server port: the socket file's owner, group and mode, plus named uids.
 
-    The default is FltBuildDefaultSecurityDescriptor's: root only. A peer may
+    The default is FltBuildDefaultSecurityDescriptor's: the daemon's user only
+    (root, for a root daemon), and root. ``owner`` None is the daemon's user,
+    ``group`` None its group. A peer may
     connect if it is root, listed in ``allowed_uids``, or allowed write access
     by ``mode`` as ``owner`` or as a member of ``group`` (primary or
     supplementary) or as anyone else. With ``allowed_uids`` the socket file is
@@ -95,7 +97,7 @@ class PortSecurity:
     all (whatever their groups); the credential check stays exact.
     """
 
-    owner: int = 0
+    owner: int | None = None  # None: the daemon's user
     group: int | None = None  # None: the daemon's group
     mode: int = 0o600
     allowed_uids: frozenset[int] = frozenset()
@@ -103,11 +105,15 @@ class PortSecurity:
     def permits(self, uid: int, groups: set[int]) -> bool:
         if uid == 0 or uid in self.allowed_uids:
             return True
-        if uid == self.owner:
+        if uid == self.owner_uid:
             return bool(self.mode & 0o200)
         if (os.getegid() if self.group is None else self.group) in groups:  # the socket file's group
             return bool(self.mode & 0o020)
         return bool(self.mode & 0o002)
+
+    @property
+    def owner_uid(self) -> int:
+        return os.geteuid() if self.owner is None else self.owner
 
     @property
     def file_mode(self) -> int:
@@ -283,7 +289,7 @@ def create_communication_port(
             listener.bind(str(path))
         finally:
             os.umask(old)
-        os.chown(path, security.owner, -1 if security.group is None else security.group)
+        os.chown(path, security.owner_uid, -1 if security.group is None else security.group)
         os.chmod(path, security.file_mode)
         listener.listen(64)
     except OSError as exc:

@@ -337,6 +337,7 @@ async def test_other_create_mistakes(tmp_path: Path) -> None:
         ),
     ],
 )
+@pytest.mark.skipif(os.geteuid() != 0, reason="running a client as another user needs root (setuid)")
 async def test_security_decides_who_may_connect(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, security: PortSecurity, who: dict[str, Any], accepted: bool
 ) -> None:
@@ -351,7 +352,7 @@ async def test_security_decides_who_may_connect(
         socket_file = os.stat(vol.port_path(PORT))
         assert stat.S_ISSOCK(socket_file.st_mode)
         assert stat.S_IMODE(socket_file.st_mode) == security.file_mode
-        assert socket_file.st_uid == security.owner
+        assert socket_file.st_uid == security.owner_uid
         assert socket_file.st_gid == (os.getegid() if security.group is None else security.group)
         os.chmod(vol.port_directory, 0o755)  # as the daemon's ports directory: other users may reach the socket
         client = await in_thread(ClientProcess, vol.port_path(PORT), "v1", **who)
@@ -376,11 +377,12 @@ def test_permits_follows_the_socket_files_permissions() -> None:
     """The credential check agrees with the kernel's check of the socket file (owner, then group, then others)."""
     me = os.getegid()
     assert PortSecurity().permits(0, {0})
-    assert not PortSecurity().permits(NOBODY, {NOBODY})
+    assert PortSecurity().permits(os.geteuid(), set())  # the default: the daemon's user (and root)
+    assert not PortSecurity(owner=0).permits(NOBODY, {NOBODY})
     assert not PortSecurity(owner=NOBODY, mode=0o066).permits(NOBODY, {GROUP})  # the owner's bits decide for it
-    assert PortSecurity(mode=0o660).permits(NOBODY, {NOBODY, me}) == (me != NOBODY)  # the daemon's group
-    assert not PortSecurity(group=GROUP, mode=0o606).permits(NOBODY, {GROUP})
-    assert PortSecurity(group=GROUP, mode=0o606).permits(NOBODY, {NOBODY})
+    assert PortSecurity(owner=0, mode=0o660).permits(NOBODY, {NOBODY, me})  # a member of the daemon's group
+    assert not PortSecurity(owner=0, group=GROUP, mode=0o606).permits(NOBODY, {GROUP})
+    assert PortSecurity(owner=0, group=GROUP, mode=0o606).permits(NOBODY, {NOBODY})
     assert PortSecurity(allowed_uids=frozenset({NOBODY})).file_mode == 0o622  # in the socket's group or not
 
 
