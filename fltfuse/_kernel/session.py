@@ -108,7 +108,12 @@ def serve(
         pyfuse3.init(adapter, mountpoint, set(options.kernel))
         unmounted = False
         try:
-            trio.run(_main_loop, early, services, before_stop, on_ready)
+            try:
+                trio.run(_main_loop, early, services, before_stop, on_ready)
+            except BaseExceptionGroup as group:  # the nursery's: a service that failed to start, alone
+                if len(group.exceptions) == 1:
+                    raise group.exceptions[0] from None
+                raise
             unmounted = True
         finally:
             pyfuse3.close(unmount=not unmounted or is_mounted(mountpoint))

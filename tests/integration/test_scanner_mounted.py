@@ -340,3 +340,34 @@ def test_clamav_verdicts_through_the_mount_agree_with_clamscan(
         copy = subprocess.run(["cp", str(source), str(mnt(vol, "clamav/copied.bin"))], capture_output=True)
         assert copy.returncode != 0 and b"Permission denied" in copy.stderr
         assert (backing / "copied.bin").read_bytes() == b""
+
+
+def test_a_bad_parameter_fails_the_mount_with_a_message_naming_it(tmp_path: Path) -> None:
+    """filter_load runs in the daemon's trio loop at mount: its failure still reaches `fltfuse mount` as
+    one clear message (not a nursery's exception group), and nothing stays mounted or attached."""
+    image = tmp_path / "bad.img"
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    subprocess.run([sys.executable, "-m", "fltfuse", "volume", "create", str(image), "--size", "64M"], check=True)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fltfuse",
+            "mount",
+            str(image),
+            str(mountpoint),
+            "--filter",
+            "scanner",
+            "--param",
+            "scanner.Policy=maybe",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode != 0
+    assert "parameter Policy is 'maybe': use allow or deny" in done.stderr, done.stderr
+    assert "Exceptions from Trio nursery" not in done.stderr
+    assert not os.path.ismount(mountpoint)
+    assert not subprocess.run(["losetup", "-j", str(image)], capture_output=True, text=True).stdout.strip()
