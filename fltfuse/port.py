@@ -58,6 +58,7 @@ from ._port.wire import (
     PortProtocolError,
     PortRefusedError,
     PortTimeoutError,
+    check_reply_capacity,
     encode,
     port_name,
 )
@@ -219,7 +220,22 @@ def connect_communication_port(
     return FilterPort(sock, path, decoder, frames[1:])
 
 
-class FilterPort:
+class _Connection:
+    """What both flavours of client port keep: the socket's path and, once it ended, why."""
+
+    path: Path
+    _error: PortError | None = None
+
+    @property
+    def connected(self) -> bool:
+        return self._error is None
+
+    def _raise_if_closed(self) -> None:
+        if self._error is not None:
+            raise type(self._error)(str(self._error), self._error.status)
+
+
+class FilterPort(_Connection):
     """A connection to a filter's port, safe to use from many threads at once. Made by connect_communication_port."""
 
     def __init__(self, sock: socket.socket, path: Path, decoder: Decoder, early: list[Frame]):
@@ -231,7 +247,6 @@ class FilterPort:
         self._ids = itertools.count(1)
         self._answers: dict[int, Frame | None] = {}  # request id -> answer (None: still waiting)
         self._messages: deque[PortMessage] = deque()
-        self._error: PortError | None = None
         self._reader = threading.Thread(target=self._read, name=f"port {path.name} reader", daemon=True)
         for frame in early:
             self._dispatch(frame)
@@ -243,16 +258,11 @@ class FilterPort:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
-    @property
-    def connected(self) -> bool:
-        return self._error is None
-
     def send_message(
         self, data: bytes, *, reply_capacity: int = DEFAULT_REPLY_CAPACITY, timeout: float | None = None
     ) -> bytes:
         """FilterSendMessage: the filter's answer (at most ``reply_capacity`` bytes)."""
-        if not 0 <= reply_capacity < NO_REPLY:
-            raise PortError(f"reply_capacity {reply_capacity} out of range", 0xC000000D)
+        check_reply_capacity(reply_capacity)
         request_id = next(self._ids)
         with self._state:
             self._raise_if_closed()
@@ -305,10 +315,6 @@ class FilterPort:
                 self._sock.sendall(encode(frame))
         except OSError as exc:
             raise PortDisconnectedError(f"port {self.path.name}: {exc}") from exc
-
-    def _raise_if_closed(self) -> None:
-        if self._error is not None:
-            raise type(self._error)(str(self._error), self._error.status)
 
     def _read(self) -> None:
         try:
@@ -387,7 +393,7 @@ async def open_filter_port(
             port._fail(PortDisconnectedError(f"port {path.name}: closed"))
 
 
-class AsyncFilterPort:
+class AsyncFilterPort(_Connection):
     """A connection to a filter's port for trio tasks (any number at once). Made by open_filter_port."""
 
     def __init__(self, sock: trio.socket.SocketType, path: Path, decoder: Decoder):
@@ -398,16 +404,10 @@ class AsyncFilterPort:
         self._ids = itertools.count(1)
         self._answers: dict[int, tuple[trio.Event, list[Frame]]] = {}
         self._incoming, self._messages = trio.open_memory_channel[PortMessage](1024)
-        self._error: PortError | None = None
-
-    @property
-    def connected(self) -> bool:
-        return self._error is None
 
     async def send_message(self, data: bytes, *, reply_capacity: int = DEFAULT_REPLY_CAPACITY) -> bytes:
         """FilterSendMessage (bound it with trio's cancel scopes, e.g. ``trio.fail_after``)."""
-        if not 0 <= reply_capacity < NO_REPLY:
-            raise PortError(f"reply_capacity {reply_capacity} out of range", 0xC000000D)
+        check_reply_capacity(reply_capacity)
         self._raise_if_closed()
         request_id = next(self._ids)
         done, slot = self._answers[request_id] = (trio.Event(), [])
@@ -442,10 +442,6 @@ class AsyncFilterPort:
                     sent += await self._sock.send(data[sent:])
             except (OSError, trio.ClosedResourceError) as exc:
                 raise PortDisconnectedError(f"port {self.path.name}: {exc}") from exc
-
-    def _raise_if_closed(self) -> None:
-        if self._error is not None:
-            raise type(self._error)(str(self._error), self._error.status)
 
     async def _read(self) -> None:
         with _reading(self.path, self._fail):

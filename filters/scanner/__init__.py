@@ -67,7 +67,6 @@ from fltfuse import (
     CallbackData,
     ClientPort,
     CommunicationPort,
-    Context,
     ContextRegistration,
     ContextType,
     FileAttributes,
@@ -449,8 +448,8 @@ async def pre_write(cbd: CallbackData, objects: RelatedObjects) -> PreopCallback
     if not data.wants(name):
         return PreopCallbackStatus.SUCCESS_NO_CALLBACK
     if file_object.handle is not None:
-        handle_context = find_or_create_context(objects, ContextType.STREAM_HANDLE, _written)
-        handle_context.rescan = True  # also when an earlier close(2) of this handle (a dup) rescanned it
+        handle_context = find_or_create_context(objects, ContextType.STREAM_HANDLE, lambda context: None)
+        handle_context.rescan = True  # set on each write: an earlier close(2) of this handle (a dup) cleared it
         release_context(handle_context)
     if not data.scan_writes:
         return PreopCallbackStatus.SUCCESS_NO_CALLBACK
@@ -461,10 +460,6 @@ async def pre_write(cbd: CallbackData, objects: RelatedObjects) -> PreopCallback
         cbd.io_status.information = 0
         return PreopCallbackStatus.COMPLETE
     return PreopCallbackStatus.SUCCESS_NO_CALLBACK
-
-
-def _written(context: Context) -> None:
-    context.rescan = True
 
 
 def post_set_information(

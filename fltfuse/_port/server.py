@@ -71,6 +71,7 @@ from .wire import (
     PortProtocolError,
     PortRefusedError,
     PortTimeoutError,
+    check_reply_capacity,
     encode,
     port_name,
 )
@@ -353,8 +354,8 @@ async def send_message(
     """
     if client is None or not client.connected:
         raise PortDisconnectedError("the client port is not connected")
-    if reply_capacity is not None and not 0 <= reply_capacity < NO_REPLY:
-        raise PortError(f"reply_capacity {reply_capacity} out of range", NtStatus.INVALID_PARAMETER)
+    if reply_capacity is not None:
+        check_reply_capacity(reply_capacity)
     message_id = next(client._ids)
     waiter = None
     if reply_capacity is not None:

@@ -219,6 +219,12 @@ class Decoder:
 # -- names --------------------------------------------------------------------------------------
 
 
+def check_reply_capacity(reply_capacity: int) -> None:
+    """A reply capacity a frame can carry (NO_REPLY is the aux value for none)."""
+    if not 0 <= reply_capacity < NO_REPLY:
+        raise PortError(f"reply_capacity {reply_capacity} out of range", 0xC000000D)  # INVALID_PARAMETER
+
+
 def port_name(name: str) -> str:
     """A port's name without Windows' leading backslash (``"\\\\ScannerPort"`` -> ``"ScannerPort"``), checked."""
     bare = name.lstrip("\\/")

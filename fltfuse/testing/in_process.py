@@ -32,6 +32,7 @@ from .. import _loader
 from .._backend import ROOT_INODE, PassthroughBackend
 from .._callback_data import CallbackData, DirectoryControlParameters, FileObject, Requestor
 from .._kernel import KernelAdapter
+from .._port.wire import port_name
 from .._registration import InstanceSetupFlags, InstanceTeardownFlags
 from .._stack import Filter, Instance, InstanceStack, VerifierError
 from .._volume import VolumeProperties
@@ -125,7 +126,7 @@ class InProcessVolume:
 
     def port_path(self, name: str) -> str:
         """The socket of the communication port ``name`` a filter of this volume created (for fltfuse.port)."""
-        return os.path.join(self.port_directory, name.lstrip("\\/"))
+        return os.path.join(self.port_directory, port_name(name))
 
     async def __aenter__(self) -> InProcessVolume:
         return self
