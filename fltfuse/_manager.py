@@ -87,6 +87,8 @@ class FilterManager:
         try:
             self.stack.attach(instance, flags)
         except StackError as exc:
+            if exc.refused and flags & InstanceSetupFlags.NEWLY_MOUNTED_VOLUME:
+                raise ManagerError(exc.status, str(exc)) from exc  # the mount fails with the filter's reason
             log.warning("%s/%s not attached: %s", instance.filter.name, instance.name, exc)
             return
         log.info("attached %s/%s at altitude %s", instance.filter.name, instance.name, instance.altitude)

@@ -21,7 +21,11 @@ Callback contracts (each may be a plain function or a coroutine function):
   the instance is detaching and the post may only free its context.
 * ``instance_setup(objects, flags, volume_device_type, volume_filesystem_type)``
   returns None or ``NtStatus.SUCCESS`` to attach, anything else (typically
-  ``NtStatus.FLT_DO_NOT_ATTACH``) to decline; ``instance_teardown_start`` and
+  ``NtStatus.FLT_DO_NOT_ATTACH``) to decline. To decline with a reason the
+  user must see (a wrong key, a volume the filter cannot serve safely), it
+  raises :class:`InstanceSetupRefused`: the attach fails with that message,
+  and at mount time the mount fails with it (a plain declining status at
+  mount time is only logged). ``instance_teardown_start`` and
   ``instance_teardown_complete`` get ``(objects, InstanceTeardownFlags)``;
   ``filter_unload(FilterUnloadFlags)`` runs after the filter's last instance is
   gone. ``filter_load(filter)`` runs once when the filter is loaded, before
@@ -192,6 +196,14 @@ class FilterRegistration:
     instance_teardown_complete: Callable[..., Any] | None = None
     generate_file_name: Callable[..., Any] | None = None
     normalize_name_component: Callable[..., Any] | None = None
+
+
+class InstanceSetupRefused(Exception):
+    """Raised by ``instance_setup`` to decline with a reason (STATUS_FLT_DO_NOT_ATTACH and a message).
+
+    Not a filter bug: the message reaches whoever attached (``fltmc attach``)
+    and fails the mount when it happens at mount time.
+    """
 
 
 class RegistrationError(Exception):

@@ -165,6 +165,10 @@ class PassthroughBackend:
         except OSError as exc:
             cbd.io_status.status = status_from_errno(exc.errno or errno.EIO)
 
+    def add_lookups(self, ino: int, count: int) -> bool:
+        """Count ``count`` more lookups of the known inode ``ino`` (a filter opened it by id); False if unknown."""
+        return self._table.add_lookups(ino, count)
+
     def forget(self, ino: int, count: int) -> bool:
         """The kernel dropped ``count`` lookups of ``ino``; True if it no longer knows the inode."""
         return self._table.forget(ino, count)

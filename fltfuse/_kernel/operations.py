@@ -255,7 +255,7 @@ class KernelAdapter(pyfuse3.Operations):
         """Filter-initiated I/O changed a file or a name behind the kernel's back: drop what it caches."""
         p = cbd.iopb.parameters
         if isinstance(p, (WriteParameters, SetAttributesParameters)):
-            self._invalidate(cbd.iopb.target_file_object.inode, attr_only=False)
+            trio.lowlevel.spawn_system_task(self._invalidate_data, cbd.iopb.target_file_object.inode)
             return
         changed_directories = []
         if isinstance(p, (RenameParameters, DispositionParameters)):
@@ -281,6 +281,11 @@ class KernelAdapter(pyfuse3.Operations):
             await trio.to_thread.run_sync(pyfuse3.invalidate_entry, parent, name)
         except OSError as exc:  # no session (in-process use), or a name the kernel does not know
             log.debug("could not invalidate name %r in inode %d: %s", name, parent, exc)
+
+    async def _invalidate_data(self, inode: int) -> None:
+        """Drop a file's cached pages and attributes, from a thread: the kernel locks each page while it
+        drops it, and a page may stay locked until a READ that fills it is answered (by this loop)."""
+        await trio.to_thread.run_sync(functools.partial(self._invalidate, inode, attr_only=False))
 
     def _invalidate(self, inode: int, *, attr_only: bool) -> None:
         try:

@@ -227,24 +227,66 @@ async def _open(
         if not directory and not _stat.S_ISREG(existing.mode):
             _forget(stack, existing.ino)
             raise OSError(errno.EINVAL, f"{os.fsdecode(name)!r}: a filter opens only regular files and directories")
-        file_object = FileObject(existing.ino, None, flags | (os.O_DIRECTORY if directory else 0), requestor)
-        disposition = CreateDisposition.OPEN if directory else CreateDisposition.for_open(flags, exists=True)
-        file_type = FileType.DIRECTORY if directory else FileType.REGULAR
-        params = CreateParameters(disposition, file_type, flags, handle_requested=True)
+        file_object, params = _open_existing(existing.ino, directory, flags, requestor)
+    file_object.link = (parent, name)
+    try:
+        await _perform_open(objects, file_object, params, f"open of {os.fsdecode(name)!r}", top_of_stack)
+    except OSError:
+        if existing is not None:
+            _forget(stack, existing.ino)
+        raise
+    return file_object
+
+
+def _open_existing(
+    inode: int, directory: bool, flags: int, requestor: Requestor
+) -> tuple[FileObject, CreateParameters]:
+    file_object = FileObject(inode, None, flags | (os.O_DIRECTORY if directory else 0), requestor)
+    disposition = CreateDisposition.OPEN if directory else CreateDisposition.for_open(flags, exists=True)
+    file_type = FileType.DIRECTORY if directory else FileType.REGULAR
+    return file_object, CreateParameters(disposition, file_type, flags, handle_requested=True)
+
+
+async def _perform_open(
+    objects: Any, file_object: FileObject, params: CreateParameters, what: str, top_of_stack: bool
+) -> None:
+    """Send the CREATE that opens ``file_object`` for the instance; raises OSError if it failed."""
     file_object.uncached = True  # the instance's I/O goes straight to the file system, never the page cache
     file_object.initiator = objects.instance
-    file_object.link = (parent, name)
     file_object.creating = True
     cbd = allocate_callback_data(objects, file_object, params)
     try:
         await perform_io_synchronously(objects, cbd, top_of_stack=top_of_stack)
     finally:
         file_object.creating = False
-    if cbd.io_status.status >= 0x80000000:
-        if existing is not None:
-            _forget(stack, existing.ino)
-        _raise_for(cbd, f"open of {os.fsdecode(name)!r}")
+    _raise_for(cbd, what)
     file_object.handle = params.handle
+
+
+async def open_file_by_id(
+    objects: Any, inode: int, flags: int = os.O_RDONLY, *, top_of_stack: bool = False
+) -> FileObject:
+    """FltCreateFileEx with FILE_OPEN_BY_FILE_ID: open the regular file or directory ``inode`` by its id.
+
+    ``inode`` must be one the volume knows (the target of a request in hand,
+    or a file the instance opened). The open counts a lookup of it, which
+    :func:`close_file` gives back. Raises OSError: ESTALE for an inode the
+    volume does not know, EINVAL for what is neither a regular file nor a
+    directory, or the open's own error.
+    """
+    stack = _stack(objects)
+    if not stack.backend.add_lookups(inode, 1):
+        raise OSError(errno.ESTALE, f"inode {inode} is not known to the volume")
+    try:
+        attributes = await query_information_file(objects, FileObject(inode), top_of_stack=top_of_stack)
+        directory = _stat.S_ISDIR(attributes.mode)
+        if not directory and not _stat.S_ISREG(attributes.mode):
+            raise OSError(errno.EINVAL, f"inode {inode}: a filter opens only regular files and directories")
+        file_object, params = _open_existing(inode, directory, flags, _daemon())
+        await _perform_open(objects, file_object, params, f"open of inode {inode}", top_of_stack)
+    except BaseException:
+        _forget(stack, inode)
+        raise
     return file_object
 
 

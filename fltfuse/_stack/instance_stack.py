@@ -65,6 +65,7 @@ from .._registration import (
     FilterRegistration,
     FilterUnloadFlags,
     InstanceSetupFlags,
+    InstanceSetupRefused,
     InstanceTeardownFlags,
     Operation,
     OperationFlags,
@@ -111,11 +112,15 @@ class VerifierError(Exception):
 
 
 class StackError(Exception):
-    """An attach or detach that cannot be done; ``status`` is the FltMgr status."""
+    """An attach or detach that cannot be done; ``status`` is the FltMgr status.
 
-    def __init__(self, status: NtStatus, message: str):
+    ``refused``: the instance's setup declined with :class:`InstanceSetupRefused` (the message is its reason).
+    """
+
+    def __init__(self, status: NtStatus, message: str, *, refused: bool = False):
         super().__init__(message)
         self.status = status
+        self.refused = refused
 
 
 class Filter:
@@ -277,7 +282,8 @@ class InstanceStack:
         """Add ``instance`` at its altitude, if its filter's setup callback agrees.
 
         Altitudes and instance names (compared without case) are unique per volume. Raises StackError
-        with FLT_DO_NOT_ATTACH if the setup callback declines (or raises).
+        with FLT_DO_NOT_ATTACH if the setup callback declines (or raises); ``refused`` is True when it
+        declined with :class:`InstanceSetupRefused`, whose message the error carries.
         Requests already on their way keep the stack they started with.
         """
         for other in self.instances:
@@ -300,6 +306,9 @@ class InstanceStack:
             fs_type = self.volume.filesystem_type if self.volume else ""
             try:
                 answer = setup(self._objects(instance), flags, "disk", fs_type)
+            except InstanceSetupRefused as exc:
+                reason = f"{instance.filter.name} (instance {instance.name}): {exc}"
+                raise StackError(NtStatus.FLT_DO_NOT_ATTACH, reason, refused=True) from exc
             except Exception as exc:
                 self._bug(instance, None, f"instance setup raised {exc!r}; not attached", exc)
                 answer = NtStatus.FLT_DO_NOT_ATTACH

@@ -30,11 +30,19 @@ import pyfuse3
 
 from .. import _loader
 from .._backend import ROOT_INODE, PassthroughBackend
-from .._callback_data import CallbackData, DirectoryControlParameters, FileObject, Requestor
+from .._callback_data import (
+    CallbackData,
+    DirectoryControlParameters,
+    FileInformationClass,
+    FileObject,
+    Requestor,
+    SetAttributesParameters,
+)
 from .._kernel import KernelAdapter
 from .._port.wire import port_name
 from .._registration import InstanceSetupFlags, InstanceTeardownFlags
 from .._stack import Filter, Instance, InstanceStack, VerifierError
+from .._status import errno_from_status
 from .._volume import VolumeProperties
 
 
@@ -240,6 +248,17 @@ class InProcessVolume:
                 offset += await self.write(handle, offset, data[offset : offset + 128 * 1024])
         finally:
             await self.close_handle(handle)
+
+    async def truncate(self, path: str, size: int) -> int:
+        """truncate(2) of ``path`` (SET_INFORMATION, END_OF_FILE, with no handle); returns the size stat shows."""
+        p = SetAttributesParameters(FileInformationClass.END_OF_FILE, size=size)
+        cbd = CallbackData(FileObject(await self.lookup(path)), p, Requestor(*self._caller_ids()))
+        await self.stack.dispatch(cbd)
+        if cbd.io_status.status >= 0x80000000:
+            code = errno_from_status(cbd.io_status.status) or 5
+            raise OSError(code, os.strerror(code), path)
+        assert p.attributes is not None
+        return p.attributes.size
 
     async def mkdir(self, path: str, mode: int = 0o755) -> None:
         parent, name = await self._parent(path)
