@@ -17,7 +17,7 @@ import re
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,15 +30,20 @@ _counter = itertools.count()
 
 @contextlib.contextmanager
 def session_volume(
-    prefix: str, filters: tuple[str, ...] = (), attached: tuple[tuple[str, str, str], ...] = ()
+    prefix: str,
+    filters: tuple[str, ...] = (),
+    attached: tuple[tuple[str, str, str], ...] = (),
+    parameters: Callable[[str], dict[str, dict[str, str]]] | None = None,
 ) -> Iterator[MountedVolume]:
     """A big volume for a whole session, with ``filters`` loaded and ``attached`` (filter, instance,
-    altitude) attached by fltmc; the stack is checked with ``fltmc instances``. Skips without mounts."""
+    altitude) attached by fltmc; the stack is checked with ``fltmc instances``. ``parameters(tmp)``
+    gives the filters' parameters, given the session's temporary directory. Skips without mounts."""
     reason = why_no_mount()
     if reason:
         pytest.skip(reason)
     with tempfile.TemporaryDirectory(prefix=prefix, dir="/var/tmp") as tmp:
-        with mounted_volume(tmp, size="8G", inodes=400_000, filters=filters) as vol:
+        given = parameters(tmp) if parameters else None
+        with mounted_volume(tmp, size="8G", inodes=400_000, filters=filters, parameters=given) as vol:
             for name, instance, altitude in attached:
                 _fltmc("attach", name, vol.mountpoint, "-i", instance, "-a", altitude)
             listed = _fltmc("instances", vol.mountpoint).splitlines()[2:]

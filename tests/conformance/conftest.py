@@ -1,10 +1,13 @@
 """Fixtures of the conformance tier: the stacks it runs on, a known umask, and the backing directory of a mount path.
 
-Every conformance test runs three times: on a volume with the empty stack, on
+Every conformance test runs four times: on a volume with the empty stack, on
 one with a transparent stack (three passthrough instances, one of them
-attached by hand, and nullfilter), and on one with the context samples (ctx,
+attached by hand, nullfilter, and swapbuffers, which swaps its own buffers
+into every read, write and listing), on one with the context samples (ctx,
 delete, change) and minispy's three instances, which must all behave exactly
-as ext4 too.
+as ext4 too, and on one with the encryption filter, which must too except
+where it differs by design: a regular file's st_blocks (the ciphertext takes
+more room), and the size of its backing file (the ciphertext's).
 """
 
 from __future__ import annotations
@@ -15,14 +18,16 @@ from pathlib import Path
 
 import pytest
 
+from filters.encryption.layout import plain_size
 from fltfuse.testing import MountedVolume
 
 from ..conftest import session_volume
+from . import differential
 
 _STACKS = {
     "empty": ((), ()),
     "transparent": (
-        ("passthrough", "nullfilter"),
+        ("passthrough", "nullfilter", "swapbuffers"),
         (("passthrough", "PassThrough 2", "370031"), ("passthrough", "PassThrough 0", "370029")),
     ),
     # filters that keep contexts and query names on every request, and must still be transparent:
@@ -31,14 +36,32 @@ _STACKS = {
         ("ctx", "delete", "change", "minispy"),
         (("minispy", "Minispy - Middle Instance", "370000"), ("minispy", "Minispy - Bottom Instance", "361000")),
     ),
+    # the encryption filter: contents stored as ciphertext, everything else as ext4 has it
+    "encryption": (("encryption",), ()),
 }
+_PARAMETERS: dict[str, Callable[[str], dict[str, dict[str, str]]]] = {
+    "encryption": lambda tmp: {"encryption": {"KeyDirectory": os.path.join(tmp, "keys")}},
+}
+_TRAITS = {"encryption": differential.StackTraits(blocks_differ=True, shown_size=plain_size, stores_plaintext=False)}
 
 
 @pytest.fixture(scope="session", params=sorted(_STACKS))
 def volume(request: pytest.FixtureRequest) -> Iterator[MountedVolume]:
     """One mount per stack for the whole tier (this replaces the shared ``volume`` here)."""
-    with session_volume("fltfuse-conformance-", *_STACKS[request.param]) as vol:
+    with session_volume("fltfuse-conformance-", *_STACKS[request.param], _PARAMETERS.get(request.param)) as vol:
         yield vol
+
+
+@pytest.fixture(autouse=True)
+def stack_traits(request: pytest.FixtureRequest) -> Iterator[differential.StackTraits]:
+    """The differences by design of the stack the test runs on (see :class:`differential.StackTraits`)."""
+    callspec = getattr(request.node, "callspec", None)
+    stack = callspec.params.get("volume") if callspec else None
+    differential.traits = _TRAITS.get(stack, differential.TRANSPARENT)
+    try:
+        yield differential.traits
+    finally:
+        differential.traits = differential.TRANSPARENT
 
 
 @pytest.fixture(autouse=True)

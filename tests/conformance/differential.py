@@ -29,6 +29,7 @@ import errno
 import os
 import pickle
 import pprint
+import stat
 import struct
 import traceback
 from collections.abc import Callable, Iterable
@@ -98,6 +99,25 @@ def failed(code: int) -> Failed:
     return Failed(type(OSError(code, os.strerror(code))).__name__, code)
 
 
+@dataclass(frozen=True)
+class StackTraits:
+    """How a filter stack's mount differs from ext4 by design (nothing, for a transparent stack).
+
+    ``blocks_differ``: regular files' st_blocks are not compared (an encryption
+    filter stores more bytes than it shows). ``shown_size``: the size the mount
+    shows for a regular file whose backing file has the given size.
+    ``stores_plaintext``: the backing files hold the bytes the mount shows.
+    """
+
+    blocks_differ: bool = False
+    shown_size: Callable[[int], int] | None = None
+    stores_plaintext: bool = True
+
+
+TRANSPARENT = StackTraits()
+traits = TRANSPARENT  # the stack under test; the conformance tier's fixtures set it per test
+
+
 class _Normalizer:
     def __init__(self, root: Path):
         self.root = str(root)
@@ -108,13 +128,14 @@ class _Normalizer:
 
     def __call__(self, value: Any) -> Any:
         if isinstance(value, os.stat_result):
+            blocks = -1 if traits.blocks_differ and stat.S_ISREG(value.st_mode) else value.st_blocks
             return Stat(
                 value.st_mode,
                 value.st_nlink,
                 value.st_uid,
                 value.st_gid,
                 value.st_size,
-                value.st_blocks,
+                blocks,
                 value.st_rdev,
                 self.ino(value.st_ino),
             )
