@@ -55,6 +55,7 @@ from fltfuse import (
     create_file,
     flush_buffers,
     get_context,
+    open_file_by_id,
     perform_io_asynchronously,
     perform_io_synchronously,
     query_information_file,
@@ -351,6 +352,33 @@ async def test_a_file_the_kernel_knows_keeps_its_lookups_after_the_instance_clos
     assert vol._backend.known_inodes() == known
     assert await vol.read(handle, 0, 3) == b"at "
     await vol.close_handle(handle)
+
+
+async def test_open_file_by_id_opens_a_known_inode_and_gives_its_lookup_back(
+    vol: InProcessVolume, tracer: Tracer
+) -> None:
+    """FILE_OPEN_BY_FILE_ID: a file or directory the volume knows opens by its inode; the open counts a lookup
+    that close_file gives back; an inode the volume does not know is ESTALE."""
+    ino = await vol.lookup("top.txt")
+    directory = await vol.lookup("dir")
+    known = vol._backend.known_inodes()
+    objects = tracer.objects("Middle")
+    tracer.take()
+    fo = await open_file_by_id(objects, ino, os.O_RDWR)
+    assert fo.inode == ino and fo.handle is not None and fo.initiator is objects.instance
+    seen = [(e.instance, e.major) for e in tracer.take() if e.phase == "pre"]
+    assert seen == [("Bottom", MajorFunction.QUERY_INFORMATION), ("Bottom", MajorFunction.CREATE)], seen
+    assert await read_file(objects, fo, 0, 3) == b"at "
+    assert await write_file(objects, fo, 0, b"AT") == 2
+    assert (vol.directory / "top.txt").read_bytes().startswith(b"AT ")
+    await close_file(objects, fo)
+    listing = await open_file_by_id(objects, directory)
+    assert listing.flags & os.O_DIRECTORY
+    await close_file(objects, listing)
+    assert vol._backend.known_inodes() == known
+    with pytest.raises(OSError) as info:
+        await open_file_by_id(objects, 987654321)
+    assert info.value.errno == errno.ESTALE
 
 
 # -- 3. I/O on a FileObject taken from a request --------------------------------------------------------------
