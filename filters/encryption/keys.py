@@ -36,6 +36,8 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
+from .layout import BLOCK_SIZE
+
 RECORD_NAME = ".fltfuse-encryption"
 DEFAULT_KEY_DIRECTORY = "/etc/fltfuse/keys"
 KEY_SIZE = 32
@@ -178,10 +180,9 @@ def open_volume_key(backing: str, device: str | None, settings: KeySettings) -> 
         return _new_volume(Path(backing), device, settings)
     try:
         record = json.loads(record_text)
-        if record["format"] != FORMAT or record["cipher"] != "AES-256-GCM":
-            raise KeyProblem(
-                f"{record_path}: format {record['format']} / {record['cipher']} is not one this filter reads"
-            )
+        if record["format"] != FORMAT or record["cipher"] != "AES-256-GCM" or record["block_size"] != BLOCK_SIZE:
+            shown = f"format {record['format']}, {record['cipher']}, {record['block_size']}-byte blocks"
+            raise KeyProblem(f"{record_path}: {shown} is not what this filter reads")
         volume, source, check = str(record["volume"]), str(record["source"]), bytes.fromhex(record["check"])
     except (ValueError, KeyError, TypeError) as exc:
         raise KeyProblem(f"{record_path} is not a valid volume record ({exc!r})") from None
@@ -212,7 +213,7 @@ def _new_volume(backing: Path, device: str | None, settings: KeySettings) -> Vol
             f"the volume already holds files ({shown}) and no {RECORD_NAME}: encryption starts on an empty volume"
         )
     volume = volume_uuid(device)
-    record: dict[str, Any] = {"format": FORMAT, "cipher": "AES-256-GCM", "block_size": 4096, "volume": volume}
+    record: dict[str, Any] = {"format": FORMAT, "cipher": "AES-256-GCM", "block_size": BLOCK_SIZE, "volume": volume}
     if settings.source == "passphrase":
         salt = os.urandom(16)
         key = _scrypt(_passphrase(settings), salt, SCRYPT)

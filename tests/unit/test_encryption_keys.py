@@ -28,6 +28,7 @@ from filters.encryption.keys import (
     open_volume_key,
     volume_uuid,
 )
+from filters.encryption.layout import BLOCK_SIZE
 
 
 @pytest.fixture
@@ -63,7 +64,7 @@ def test_a_new_volume_gets_its_record_and_a_random_key_file_named_by_its_uuid(ba
     assert (record["format"], record["cipher"], record["block_size"], record["source"]) == (
         1,
         "AES-256-GCM",
-        4096,
+        BLOCK_SIZE,
         "key file",
     )
     assert str(uuid.UUID(str(record["volume"]))) == record["volume"] == opened.volume
@@ -286,8 +287,9 @@ def good_record(backing: Path, tmp_path: Path) -> tuple[dict[str, object], KeySe
         (lambda r: {k: v for k, v in r.items() if k != "check"}, " is not a valid volume record (KeyError('check'))"),
         (lambda r: {k: v for k, v in r.items() if k != "volume"}, " is not a valid volume record (KeyError('volume'))"),
         (lambda r: {**r, "check": "not hex"}, " is not a valid volume record (ValueError("),
-        (lambda r: {**r, "format": 2}, ": format 2 / AES-256-GCM is not one this filter reads"),
-        (lambda r: {**r, "cipher": "XTS"}, ": format 1 / XTS is not one this filter reads"),
+        (lambda r: {**r, "format": 2}, ": format 2, AES-256-GCM, 8192-byte blocks is not what this filter reads"),
+        (lambda r: {**r, "cipher": "XTS"}, ": format 1, XTS, 8192-byte blocks is not what this filter reads"),
+        (lambda r: {**r, "block_size": 4096}, ": format 1, AES-256-GCM, 4096-byte blocks is not what this"),
     ],
 )
 def test_a_malformed_record_is_refused_naming_it(
