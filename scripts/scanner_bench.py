@@ -30,6 +30,7 @@ Everything it mounts is unmounted and detached on exit.
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import platform
 import shutil
@@ -42,18 +43,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from _benchlib import CHUNK, REPO, drop_caches, read_sequential, write_sequential
 
-from fltfuse._volume import parse_size  # noqa: E402
-from fltfuse.testing import mounted_volume  # noqa: E402
-
-CHUNK = 1 << 20
-
-
-def drop_caches() -> None:
-    os.sync()
-    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+from fltfuse._volume import parse_size
+from fltfuse.testing import mounted_volume
 
 
 def make_files(directory: Path, files: int, large: int) -> None:
@@ -80,34 +73,14 @@ def opens(directory: Path, files: int) -> float:
 
 
 def read_large(directory: Path, size: int) -> float:
-    drop_caches()
-    start = time.perf_counter()
-    fd = os.open(directory / "large.bin", os.O_RDONLY)
-    total = 0
-    try:
-        while chunk := os.read(fd, CHUNK):
-            total += len(chunk)
-    finally:
-        os.close(fd)
-    if total != size:
-        raise SystemExit(f"read {total} bytes, not {size}")
-    return size / (time.perf_counter() - start) / 1e6
+    return read_sequential(directory / "large.bin", size)
 
 
 def write_large(directory: Path, size: int) -> float:
-    block = os.urandom(CHUNK)
     path = directory / "written.bin"
-    start = time.perf_counter()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        for _ in range(size // CHUNK):
-            os.write(fd, block)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    elapsed = time.perf_counter() - start
+    rate = write_sequential(path, size, itertools.repeat(os.urandom(CHUNK)))
     path.unlink()
-    return size / elapsed / 1e6
+    return rate
 
 
 def start_service(mountpoint: str, threads: int, log_path: Path) -> subprocess.Popen[bytes]:
