@@ -1,4 +1,4 @@
-"""encryption: file contents encrypted at rest by buffer swapping (AES-256-GCM, one record per 8 KiB block).
+"""encryption: file contents encrypted at rest by buffer swapping (AES-256-GCM, one record per 16 KiB block).
 
 What it shows: buffer swapping as an encryption filter does it (a pre-READ
 reads a different, larger range and its post hands the caller the plaintext
@@ -11,7 +11,7 @@ pre and post, filter-initiated I/O on a handle of its own
 Design and operation
 --------------------
 * **Format** (``layout.py``): a 24-byte header with a random file id, then
-  one record per 8 KiB block: a random nonce, the AES-256-GCM ciphertext and
+  one record per 16 KiB block: a random nonce, the AES-256-GCM ciphertext and
   its tag, with the file id and block index as additional data. A record
   cannot be changed, moved or replayed into another file unnoticed: such a
   read fails with EIO and a log line naming the inode and block. All-zero

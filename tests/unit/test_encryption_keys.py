@@ -287,8 +287,8 @@ def good_record(backing: Path, tmp_path: Path) -> tuple[dict[str, object], KeySe
         (lambda r: {k: v for k, v in r.items() if k != "check"}, " is not a valid volume record (KeyError('check'))"),
         (lambda r: {k: v for k, v in r.items() if k != "volume"}, " is not a valid volume record (KeyError('volume'))"),
         (lambda r: {**r, "check": "not hex"}, " is not a valid volume record (ValueError("),
-        (lambda r: {**r, "format": 2}, ": format 2, AES-256-GCM, 8192-byte blocks is not what this filter reads"),
-        (lambda r: {**r, "cipher": "XTS"}, ": format 1, XTS, 8192-byte blocks is not what this filter reads"),
+        (lambda r: {**r, "format": 2}, ": format 2, AES-256-GCM, 16384-byte blocks is not what this filter reads"),
+        (lambda r: {**r, "cipher": "XTS"}, ": format 1, XTS, 16384-byte blocks is not what this filter reads"),
         (lambda r: {**r, "block_size": 4096}, ": format 1, AES-256-GCM, 4096-byte blocks is not what this"),
     ],
 )

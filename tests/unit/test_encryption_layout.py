@@ -48,9 +48,9 @@ def sealed(length: int, seed: int = 0) -> tuple[bytes, bytearray]:
 
 
 def test_the_constants_describe_the_documented_format() -> None:
-    assert (len(MAGIC), HEADER_SIZE, BLOCK_SIZE, NONCE_SIZE, TAG_SIZE) == (8, 24, 8192, 12, 16)
-    assert (OVERHEAD, RECORD_SIZE) == (28, 8220)
-    assert [record_offset(i) for i in range(3)] == [24, 24 + 8220, 24 + 2 * 8220]
+    assert (len(MAGIC), HEADER_SIZE, BLOCK_SIZE, NONCE_SIZE, TAG_SIZE) == (8, 24, 16384, 12, 16)
+    assert (OVERHEAD, RECORD_SIZE) == (28, 16412)
+    assert [record_offset(i) for i in range(3)] == [24, 24 + 16412, 24 + 2 * 16412]
 
 
 def test_plain_size_inverts_cipher_size_for_every_size_up_to_three_blocks_and_beyond() -> None:
