@@ -164,6 +164,8 @@ class KernelAdapter(pyfuse3.Operations):
         self._files: dict[int, FileObject] = {}
         # pid -> (directory, name, inode) of its last LOOKUP: the link an open that follows used
         self._last_lookup: dict[int, tuple[int, bytes, int]] = {}
+        # inode -> READs and WRITEs of it being answered (the kernel holds their pages locked meanwhile)
+        self._pages_held: dict[int, int] = {}
         stack.invalidate_kernel_cache = self._generated_io_done
         self.refresh_cache_policy()
 
@@ -251,11 +253,20 @@ class KernelAdapter(pyfuse3.Operations):
             return last[0], last[1]
         return None
 
-    def _generated_io_done(self, cbd: CallbackData) -> None:
-        """Filter-initiated I/O changed a file or a name behind the kernel's back: drop what it caches."""
+    async def _generated_io_done(self, cbd: CallbackData) -> None:
+        """Filter-initiated I/O changed a file or a name behind the kernel's back: drop what it caches.
+
+        A file's pages are dropped before the generated request returns, unless the kernel is waiting
+        for a READ or WRITE of that file: it holds those pages locked until the request is answered,
+        and the filter's I/O may be part of answering it, so they are dropped as soon as it is.
+        """
         p = cbd.iopb.parameters
         if isinstance(p, (WriteParameters, SetAttributesParameters)):
-            trio.lowlevel.spawn_system_task(self._invalidate_data, cbd.iopb.target_file_object.inode)
+            inode = cbd.iopb.target_file_object.inode
+            if self._pages_held.get(inode):
+                trio.lowlevel.spawn_system_task(self._invalidate_data, inode)
+            else:
+                await self._invalidate_data(inode)
             return
         changed_directories = []
         if isinstance(p, (RenameParameters, DispositionParameters)):
@@ -284,7 +295,7 @@ class KernelAdapter(pyfuse3.Operations):
 
     async def _invalidate_data(self, inode: int) -> None:
         """Drop a file's cached pages and attributes, from a thread: the kernel locks each page while it
-        drops it, and a page may stay locked until a READ that fills it is answered (by this loop)."""
+        drops it, and a page may be locked by a READ this loop has yet to answer."""
         await trio.to_thread.run_sync(functools.partial(self._invalidate, inode, attr_only=False))
 
     def _invalidate(self, inode: int, *, attr_only: bool) -> None:
@@ -500,7 +511,12 @@ class KernelAdapter(pyfuse3.Operations):
     async def read(self, fh: int, off: int, size: int) -> bytes:
         fo = self._file(fh)
         p = ReadParameters(off, size)
-        await self._call(fo, p, fo.opener or _KERNEL)
+        held = self._pages_held
+        held[fo.inode] = held.get(fo.inode, 0) + 1  # the kernel holds the pages until the answer
+        try:
+            await self._call(fo, p, fo.opener or _KERNEL)
+        finally:
+            self._release_pages(fo.inode)
         # pyfuse3 replies from any contiguous buffer (PyObject_GetBuffer), so the
         # backend's bytearray or memoryview goes out without a copy; its stub says bytes.
         return p.data if p.data is not None else b""  # type: ignore[return-value]
@@ -508,8 +524,20 @@ class KernelAdapter(pyfuse3.Operations):
     @_boundary
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         fo = self._file(fh)
-        cbd = await self._call(fo, WriteParameters(off, buf), fo.opener or _KERNEL)
+        held = self._pages_held
+        held[fo.inode] = held.get(fo.inode, 0) + 1
+        try:
+            cbd = await self._call(fo, WriteParameters(off, buf), fo.opener or _KERNEL)
+        finally:
+            self._release_pages(fo.inode)
         return cbd.io_status.information
+
+    def _release_pages(self, inode: int) -> None:
+        count = self._pages_held[inode] - 1
+        if count:
+            self._pages_held[inode] = count
+        else:
+            del self._pages_held[inode]
 
     @_boundary
     async def flush(self, fh: int) -> None:

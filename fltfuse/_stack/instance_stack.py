@@ -269,8 +269,8 @@ class InstanceStack:
     _drained: trio.lowlevel.ParkingLot = field(default_factory=trio.lowlevel.ParkingLot)
     contexts: ContextTable = field(init=False)
     names: names.NameCache = field(default_factory=names.NameCache)
-    # set by the kernel adapter: tell the kernel a file's data and attributes (inode) or a name
-    # (directory, name) changed behind its back, after filter-initiated I/O
+    # set by the kernel adapter: a coroutine function that tells the kernel a file's data and
+    # attributes (inode) or a name (directory, name) changed behind its back, after filter-initiated I/O
     invalidate_kernel_cache: Any = None
 
     def __post_init__(self) -> None:
@@ -556,7 +556,7 @@ class InstanceStack:
             await self.backend.dispatch(cbd)
             self._performed(cbd)
         if not cbd.io_status.status and self.invalidate_kernel_cache is not None:
-            self.invalidate_kernel_cache(cbd)
+            await self.invalidate_kernel_cache(cbd)
 
     def _performed(self, cbd: CallbackData) -> None:
         """The file system performed ``cbd`` (a plain call after each backend dispatch, not another coroutine
