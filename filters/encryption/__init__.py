@@ -211,7 +211,7 @@ def _plain(attributes: FileAttributes | None) -> FileAttributes | None:
     return dataclasses.replace(attributes, size=plain_size(attributes.size))
 
 
-def _fail(cbd: CallbackData, objects: Any, exc: Exception) -> PreopCallbackStatus:
+def _fail(cbd: CallbackData, exc: Exception) -> PreopCallbackStatus:
     """Complete the request with the status ``exc`` stands for, logging damaged data."""
     if isinstance(exc, OSError):
         cbd.io_status.status = status_from_errno(exc.errno or errno.EIO)
@@ -328,7 +328,7 @@ async def pre_read(cbd: CallbackData, objects: Any) -> Any:
     except (OSError, NotEncrypted) as exc:
         stream.lock.release_shared()
         release_context(stream)
-        return _fail(cbd, objects, exc)
+        return _fail(cbd, exc)
     start = 0 if with_header else record_offset(first)
     p.offset, p.length = start, record_offset(last + 1) - start
     cbd.set_dirty()
@@ -354,9 +354,8 @@ def post_read(cbd: CallbackData, objects: Any, context: Any, flags: PostopFlags)
         p.data = memoryview(plain)[skip : skip + p.length]
         cbd.io_status.information = len(p.data)
     except (TamperedBlock, NotEncrypted) as exc:
-        log.error("encryption: inode %d: %s", objects.file_object.inode, exc)
         p.data = None
-        cbd.io_status.status = NtStatus.CRC_ERROR
+        _fail(cbd, exc)
     finally:
         stream.lock.release_shared()
         release_context(stream)
@@ -381,7 +380,7 @@ async def pre_write(cbd: CallbackData, objects: Any) -> Any:
     except (OSError, NotEncrypted, TamperedBlock) as exc:
         stream.lock.release_exclusive()
         release_context(stream)
-        return _fail(cbd, objects, exc)
+        return _fail(cbd, exc)
     p.offset = 0 if header else record_offset(p.offset // BLOCK_SIZE)
     p.data = swapped
     cbd.set_dirty()
@@ -466,9 +465,7 @@ def pre_create(cbd: CallbackData, objects: Any) -> PreopCallbackStatus:
     if p.name and _hidden(p.parent, p.name):
         cbd.io_status.status = NtStatus.ACCESS_DENIED
         return _COMPLETE
-    if p.file_type is not FileType.REGULAR:
-        return _WITH_CALLBACK  # its attributes, if it is an existing regular file opened as such
-    if p.flags & os.O_DIRECT:
+    if p.file_type is FileType.REGULAR and p.flags & os.O_DIRECT:
         p.flags &= ~os.O_DIRECT
         cbd.set_dirty()
     return _WITH_CALLBACK
@@ -545,7 +542,7 @@ async def pre_set_information(cbd: CallbackData, objects: Any) -> Any:
     except (OSError, NotEncrypted, TamperedBlock) as exc:
         stream.lock.release_exclusive()
         release_context(stream)
-        return _fail(cbd, objects, exc)
+        return _fail(cbd, exc)
     p.size = cipher_size(p.size)
     cbd.set_dirty()
     return _WITH_CALLBACK, stream
@@ -649,15 +646,10 @@ async def instance_teardown_complete(objects: Any, reason: Any) -> None:
     if volume is None:
         return
     for inode, stream in list(volume.private.items()):
-        private = stream.private
-        stream.private = None
-        volume.private.pop(inode, None)
         try:
-            await close_file(objects, private)
+            await _close_private(objects, stream)
         except OSError as exc:
             log.warning("encryption: closing its handle on inode %d: %s", inode, exc)
-        finally:
-            release_context(stream)
     del _VOLUMES[objects.instance]
 
 

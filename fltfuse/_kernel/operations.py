@@ -164,8 +164,6 @@ class KernelAdapter(pyfuse3.Operations):
         self._files: dict[int, FileObject] = {}
         # pid -> (directory, name, inode) of its last LOOKUP: the link an open that follows used
         self._last_lookup: dict[int, tuple[int, bytes, int]] = {}
-        # inode -> READs and WRITEs of it being answered (the kernel holds their pages locked meanwhile)
-        self._pages_held: dict[int, int] = {}
         stack.invalidate_kernel_cache = self._generated_io_done
         self.refresh_cache_policy()
 
@@ -263,7 +261,7 @@ class KernelAdapter(pyfuse3.Operations):
         p = cbd.iopb.parameters
         if isinstance(p, (WriteParameters, SetAttributesParameters)):
             inode = cbd.iopb.target_file_object.inode
-            if self._pages_held.get(inode):
+            if self._stack.answering_io_of(inode):
                 trio.lowlevel.spawn_system_task(self._invalidate_data, inode)
             else:
                 await self._invalidate_data(inode)
@@ -511,12 +509,7 @@ class KernelAdapter(pyfuse3.Operations):
     async def read(self, fh: int, off: int, size: int) -> bytes:
         fo = self._file(fh)
         p = ReadParameters(off, size)
-        held = self._pages_held
-        held[fo.inode] = held.get(fo.inode, 0) + 1  # the kernel holds the pages until the answer
-        try:
-            await self._call(fo, p, fo.opener or _KERNEL)
-        finally:
-            self._release_pages(fo.inode)
+        await self._call(fo, p, fo.opener or _KERNEL)
         # pyfuse3 replies from any contiguous buffer (PyObject_GetBuffer), so the
         # backend's bytearray or memoryview goes out without a copy; its stub says bytes.
         return p.data if p.data is not None else b""  # type: ignore[return-value]
@@ -524,20 +517,8 @@ class KernelAdapter(pyfuse3.Operations):
     @_boundary
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         fo = self._file(fh)
-        held = self._pages_held
-        held[fo.inode] = held.get(fo.inode, 0) + 1
-        try:
-            cbd = await self._call(fo, WriteParameters(off, buf), fo.opener or _KERNEL)
-        finally:
-            self._release_pages(fo.inode)
+        cbd = await self._call(fo, WriteParameters(off, buf), fo.opener or _KERNEL)
         return cbd.io_status.information
-
-    def _release_pages(self, inode: int) -> None:
-        count = self._pages_held[inode] - 1
-        if count:
-            self._pages_held[inode] = count
-        else:
-            del self._pages_held[inode]
 
     @_boundary
     async def flush(self, fh: int) -> None:

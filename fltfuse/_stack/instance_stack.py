@@ -558,6 +558,24 @@ class InstanceStack:
         if not cbd.io_status.status and self.invalidate_kernel_cache is not None:
             await self.invalidate_kernel_cache(cbd)
 
+    def answering_io_of(self, inode: int) -> bool:
+        """Whether a kernel READ or WRITE of ``inode`` is on its way through the instances.
+
+        The kernel holds that request's pages locked until it is answered, so
+        filter-initiated I/O it causes must not wait for those pages. A
+        request no instance sees cannot cause any, so the walks in flight are
+        all there is to look at (nothing is counted on the request path).
+        """
+        for walk in self._inflight:
+            cbd = walk.cbd
+            if (
+                cbd.iopb.parameters.MAJOR in _IO
+                and not cbd.flags & _GENERATED
+                and cbd.iopb.target_file_object.inode == inode
+            ):
+                return True
+        return False
+
     def _performed(self, cbd: CallbackData) -> None:
         """The file system performed ``cbd`` (a plain call after each backend dispatch, not another coroutine
         on every request's path): a rename, unlink or rmdir that succeeded drops the names it changed."""
