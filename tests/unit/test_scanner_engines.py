@@ -272,10 +272,11 @@ def test_clamd_fingerprint_is_stable_while_nothing_changes(clamd: Clamd, clamav:
 
 
 def test_a_database_change_is_in_effect_when_the_fingerprint_changes(tmp_path: Path) -> None:
-    # 100,000 more signatures make each load take a while (0.4 s here): clamd (ConcurrentDatabaseReload yes,
-    # its default) answers PING and scans with the old database meanwhile, so only the probe tells it is done.
+    # 300,000 more signatures make each load take a while (about 1.2 s here; with 100,000 a loaded CI machine
+    # once missed the window): clamd (ConcurrentDatabaseReload yes, its default) answers PING and scans with
+    # the old database meanwhile, so only the probe tells it is done.
     bulk = random.Random(7)
-    signatures = {f"Bulk-{i}": bulk.randbytes(12) for i in range(100_000)}
+    signatures = {f"Bulk-{i}": bulk.randbytes(12) for i in range(300_000)}
     with running_clamd(tmp_path / "clamd", signatures=signatures) as clamd:
         engine = ClamdEngine(clamd.socket, database=clamd.database, timeout=10)
         before = engine.fingerprint()
