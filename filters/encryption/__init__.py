@@ -44,7 +44,7 @@ Design and operation
   when the daemon is not root and the file's mode forbids writing). Handles opened
   ``O_DIRECT`` reach the file system without it (records are not
   block-aligned); the filter applies ext4's rule itself: an offset that is
-  not 512-aligned is EINVAL.
+  not 512-aligned (or a read length that is not) is EINVAL.
 * **Names stay plaintext**: only contents are encrypted; names, sizes
   rounded to blocks, times, owners and modes are visible on the device.
 * **Keys** (``keys.py``): ``KeyFile``, ``Passphrase``/``PassphraseFile``
@@ -222,9 +222,13 @@ def _fail(cbd: CallbackData, exc: Exception) -> PreopCallbackStatus:
     return _COMPLETE
 
 
-def _misaligned(cbd: CallbackData, offset: int) -> bool:
-    """ext4's O_DIRECT rule, which the file system below cannot apply (its handle is not O_DIRECT)."""
-    if cbd.iopb.target_file_object.flags & os.O_DIRECT and offset % _DIRECT_IO_ALIGNMENT:
+def _misaligned(cbd: CallbackData, offset: int, length: int = 0) -> bool:
+    """ext4's O_DIRECT rule, which the file system below cannot apply (its handle is not O_DIRECT).
+
+    Pass a READ's ``length`` (page-cache reads are whole pages); never a
+    WRITE's, which may be writeback of a partial last page (see the backend).
+    """
+    if cbd.iopb.target_file_object.flags & os.O_DIRECT and (offset | length) % _DIRECT_IO_ALIGNMENT:
         cbd.io_status.status = NtStatus.INVALID_PARAMETER
         return True
     return False
@@ -307,7 +311,7 @@ async def _give_header(objects: Any, stream: Context, writer: FileObject) -> Non
 async def pre_read(cbd: CallbackData, objects: Any) -> Any:
     """Swap the request for the records that cover it; the post opens them."""
     p: ReadParameters = cbd.iopb.parameters  # type: ignore[assignment]
-    if _misaligned(cbd, p.offset):
+    if _misaligned(cbd, p.offset, p.length):
         return _COMPLETE
     if p.length == 0:
         p.data = b""

@@ -186,8 +186,8 @@ def pre_read(cbd: CallbackData, objects: RelatedObjects) -> tuple[PreopCallbackS
     offset, length = p.offset, p.length
     start = offset - offset % sector
     end = -(-(offset + length) // sector) * sector
-    if offset != start and cbd.iopb.target_file_object.flags & os.O_DIRECT:
-        start, end = offset, offset + length  # misaligned non-cached I/O: the file system's to refuse
+    if cbd.iopb.target_file_object.flags & os.O_DIRECT:
+        start, end = offset, offset + length  # non-cached I/O is the caller's to align, the file system's to refuse
     if (start, end) != (offset, offset + length):
         p.offset, p.length = start, end - start
         cbd.set_dirty()

@@ -523,15 +523,17 @@ class PassthroughBackend:
         if not _permits(st, p.mode, cbd.requestor.uid, groups_of(cbd.requestor.pid, cbd.requestor.gid)):
             raise OSError(errno.EACCES, "access denied")
 
-    def _check_direct_io(self, fd: int, offset: int) -> None:
-        """ext4 refuses O_DIRECT I/O at an offset that is not block-aligned; so do we.
+    def _check_direct_io(self, fd: int, offset: int, length: int = 0) -> None:
+        """ext4 refuses O_DIRECT I/O whose offset or length is not block-aligned; so do we.
 
-        Only the offset is checked: page-cache writeback of a partial last page
-        may come through any writable handle, O_DIRECT ones included, with an
-        unaligned length, and must not fail.
+        A READ's ``length`` is checked too (the kernel's page-cache reads come
+        in whole pages, so only a caller's O_DIRECT read can be unaligned). A
+        WRITE's is not: page-cache writeback of a partial last page may come
+        through any writable handle, O_DIRECT ones included, and FUSE does not
+        tell it apart from the caller's write.
         """
-        if fd in self._direct and offset % _DIRECT_IO_ALIGNMENT:
-            raise OSError(errno.EINVAL, "O_DIRECT I/O at an unaligned offset")
+        if fd in self._direct and (offset | length) % _DIRECT_IO_ALIGNMENT:
+            raise OSError(errno.EINVAL, "O_DIRECT I/O at an unaligned offset or length")
 
     def _write(self, cbd: CallbackData, p: WriteParameters) -> None:
         fd = cbd.iopb.target_file_object.handle
@@ -557,7 +559,7 @@ class PassthroughBackend:
         fd = cbd.iopb.target_file_object.handle
         assert fd is not None
         if self._direct:
-            self._check_direct_io(fd, p.offset)
+            self._check_direct_io(fd, p.offset, p.length)
         buf = bytearray(p.length)
         n = 0
         if self._nowait:

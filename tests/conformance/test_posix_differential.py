@@ -289,6 +289,16 @@ def test_o_direct_io_at_a_misaligned_offset_is_einval(pair: PairLike, io: str) -
     run_both(pair, op, expect=failed(errno.EINVAL))
 
 
+def test_o_direct_read_of_an_unaligned_length_is_einval(pair: PairLike) -> None:
+    def op(root: Path) -> Any:
+        put(root / "f", pattern(8192))
+        back = mmap.mmap(-1, 4096)  # page-aligned, so only the length is wrong
+        with opened(root / "f", os.O_RDONLY | os.O_DIRECT) as fd:
+            return os.preadv(fd, [memoryview(back)[:700]], 0)
+
+    run_both(pair, op, expect=failed(errno.EINVAL))
+
+
 def test_write_on_an_o_rdonly_descriptor_is_ebadf(pair: PairLike) -> None:
     def op(root: Path) -> Any:
         put(root / "f", b"data")

@@ -243,17 +243,19 @@ async def test_read_file_through_the_stack_matches_the_plain_files(make: Callabl
     assert s.swaps()[MajorFunction.READ] == len(s.above.reads) > len(files)
 
 
-@pytest.mark.parametrize("offset", [1, 100, 511])
-async def test_a_misaligned_o_direct_read_is_still_refused_as_by_ext4(make: Callable[..., Setup], offset: int) -> None:
+@pytest.mark.parametrize(("offset", "length"), [(1, 100), (100, 100), (511, 100), (512, 700)])
+async def test_a_misaligned_o_direct_read_is_still_refused_as_by_ext4(
+    make: Callable[..., Setup], offset: int, length: int
+) -> None:
     s = make({"f": pattern(8192, 3)})
     handle = await s.vol.open("f", os.O_RDONLY | os.O_DIRECT)
     try:
         with pytest.raises(OSError) as raised:
-            await s.vol.read(handle, offset, 100)
+            await s.vol.read(handle, offset, length)
     finally:
         await s.vol.close_handle(handle)
-    assert raised.value.errno == os_read(s.plain / "f", offset, 100, os.O_DIRECT) == errno.EINVAL
-    assert (s.below.reads[-1].offset, s.below.reads[-1].length) == (offset, 100)  # not widened into success
+    assert raised.value.errno == os_read(s.plain / "f", offset, length, os.O_DIRECT) == errno.EINVAL
+    assert (s.below.reads[-1].offset, s.below.reads[-1].length) == (offset, length)  # not widened into success
 
 
 async def test_a_failed_read_is_left_failed(make: Callable[..., Setup]) -> None:
