@@ -7,8 +7,8 @@
 
 Without ``-f``, ``mount`` starts the daemon in the background and returns once
 the mount is live (or prints why it failed); the daemon logs to
-``<state root>/<volume id>.log``. With ``-f`` it serves in the foreground and
-logs to stderr.
+``--log-file``, by default ``<state root>/<volume id>.log``. With ``-f`` it
+serves in the foreground and logs to stderr.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import select
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from . import _volume
 from ._kernel import FuseOptions
@@ -68,7 +69,9 @@ def _parser() -> argparse.ArgumentParser:
         help="override a filter parameter",
     )
     mount.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
-    mount.add_argument("--log-file", help=argparse.SUPPRESS)
+    mount.add_argument(
+        "--log-file", metavar="PATH", help="where the background daemon logs (default <state root>/<volume id>.log)"
+    )
 
     unmount = sub.add_parser("unmount", aliases=["umount"], help="unmount a volume and release its devices")
     unmount.add_argument("mountpoint")
@@ -156,8 +159,11 @@ def _spawn(args: argparse.Namespace) -> int:
     state = _volume.VolumeState.load(mountpoint)
     if state is not None and state.daemon_alive():  # say so here: the log is the live daemon's
         raise _volume.VolumeError(f"{mountpoint} is already served by fltfuse daemon {state.pid}")
-    log_path = _volume.state_root() / f"{_volume.volume_id(mountpoint)}.log"
-    _volume.make_private_dir(log_path.parent)
+    if args.log_file:
+        log_path = Path(args.log_file).absolute()
+    else:
+        log_path = _volume.state_root() / f"{_volume.volume_id(mountpoint)}.log"
+        _volume.make_private_dir(log_path.parent)
     read_end, write_end = os.pipe()
     argv = [sys.executable, "-m", "fltfuse", "mount", "-f", "--ready-fd", str(write_end), "--log-file", str(log_path)]
     argv += [*(f"-o{o}" for o in args.options), *(["-d"] if args.debug else [])]

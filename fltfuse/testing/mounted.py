@@ -82,10 +82,12 @@ def mount(
     filters: tuple[str, ...] = (),
     filter_path: tuple[str, ...] = (),
     parameters: Mapping[str, Mapping[str, str]] | None = None,
+    log_file: str | os.PathLike[str] | None = None,
 ) -> MountedVolume:
     """Mount ``source`` at ``mountpoint`` with ``filters`` attached, in the background; describe the live mount.
 
     ``parameters`` overrides filters' INF parameters: ``{"name": {"KEY": "VALUE"}}`` (``--param name.KEY=VALUE``).
+    ``log_file`` is where the daemon logs (``fltfuse mount``'s default when None).
     """
     params = [
         f"--param={name}.{key}={value}" for name, values in (parameters or {}).items() for key, value in values.items()
@@ -96,6 +98,7 @@ def mount(
         *(f"--filter={f}" for f in filters),
         *(f"--filter-path={d}" for d in filter_path),
         *params,
+        *([f"--log-file={log_file}"] if log_file is not None else []),
         source,
         mountpoint,
     )
@@ -118,6 +121,8 @@ def mounted_volume(
 ) -> Iterator[MountedVolume]:
     """A fresh ext4 image in ``directory``, mounted at ``directory/mnt`` (with ``filters``) for the ``with`` body.
 
+    The daemon logs to ``directory/daemon.log``, so a test's logs go with its directory.
+
     After the unmount, a context any filter leaked (the daemon's verifier logs
     each one at teardown) fails the caller with :class:`ContextLeakError`.
     """
@@ -126,7 +131,15 @@ def mounted_volume(
     mountpoint = directory / "mnt"
     mountpoint.mkdir(parents=True, exist_ok=True)
     _volume.create_image(image, _volume.parse_size(size), force=True, inodes=inodes)
-    vol = mount(image, str(mountpoint), *options, filters=filters, filter_path=filter_path, parameters=parameters)
+    vol = mount(
+        image,
+        str(mountpoint),
+        *options,
+        filters=filters,
+        filter_path=filter_path,
+        parameters=parameters,
+        log_file=directory / "daemon.log",
+    )
     try:
         yield vol
     finally:

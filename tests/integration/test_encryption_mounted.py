@@ -110,13 +110,14 @@ def remount(
 ) -> MountedVolume:
     """Unmount ``vol`` and mount its image again at the same place (``mounted_volume`` releases it at the end)."""
     release(vol.mountpoint, vol.image)
-    return mount(vol.image, vol.mountpoint, filters=filters, parameters=parameters)
+    return mount(vol.image, vol.mountpoint, filters=filters, parameters=parameters, log_file=vol.log_path)
 
 
 def user_mount(vol: MountedVolume, *args: str) -> subprocess.CompletedProcess[str]:
     """``fltfuse mount IMAGE MNT ARGS`` as a user types it, after unmounting ``vol``; the caller checks the outcome."""
     release(vol.mountpoint, vol.image)
-    return subprocess.run([FLTFUSE, "mount", vol.image, vol.mountpoint, *args], capture_output=True, text=True)
+    argv = [FLTFUSE, "mount", f"--log-file={vol.log_path}", vol.image, vol.mountpoint, *args]
+    return subprocess.run(argv, capture_output=True, text=True)
 
 
 def assert_nothing_left(vol: MountedVolume) -> None:

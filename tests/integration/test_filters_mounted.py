@@ -41,14 +41,17 @@ def test_ordinary_tools_through_a_passthrough_stack(filtered: MountedVolume) -> 
 
 
 def _mount_fails(tmp_path: Path, *args: str) -> str:
-    image, mnt = tmp_path / "v.img", tmp_path / "mnt"
+    image, mnt, log = tmp_path / "v.img", tmp_path / "mnt", tmp_path / "daemon.log"
     mnt.mkdir()
     subprocess.run([sys.executable, "-m", "fltfuse", "volume", "create", str(image), "--size", "64M"], check=True)
     try:
         done = subprocess.run(
-            [sys.executable, "-m", "fltfuse", "mount", *args, str(image), str(mnt)], capture_output=True, text=True
+            [sys.executable, "-m", "fltfuse", "mount", f"--log-file={log}", *args, str(image), str(mnt)],
+            capture_output=True,
+            text=True,
         )
         assert done.returncode == 1
+        assert done.stderr.endswith(f"daemon log: {log}\n") and log.exists()
         return done.stderr
     finally:
         release(str(mnt), str(image))

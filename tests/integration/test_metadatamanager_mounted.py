@@ -274,7 +274,7 @@ def test_unmount_unload_and_remount_close_reopen_and_append(tmp_path_factory: py
     assert first_log.count("metadata volume context cleaned up") == 1
     assert on_image(first.image) == "open 1\ncreate regular /one\nclose 1 volume_dismount\n"
 
-    second = mount(first.image, first.mountpoint, filters=("metadatamanager",))
+    second = mount(first.image, first.mountpoint, filters=("metadatamanager",), log_file=first.log_path)
     try:
         root = second.mountpoint
         path = os.path.join(second.backing, META)
