@@ -28,7 +28,9 @@ Design and operation
   by the rescan at close.
 * **Close**: a handle that wrote is rescanned at its CLEANUP (each close(2));
   an infected file is then unopenable (and quarantined if configured). The
-  close itself succeeds: the data is already written.
+  close itself succeeds: the data is already written. A handle written
+  after its last CLEANUP (a shared mapping's pages written back after
+  close(2), at the latest at munmap) is rescanned at its CLOSE (RELEASE).
 * **Verdict cache** (avscan-like): per inode, the verdict with the file's
   mtime, ctime and size and the service's signature-database fingerprint. An
   open of a file whose marker and fingerprint match sends no scan. A write
@@ -471,21 +473,18 @@ def post_set_information(
     return PostopCallbackStatus.FINISHED_PROCESSING
 
 
-async def post_cleanup(
-    cbd: CallbackData, objects: RelatedObjects, context: Any, flags: PostopFlags
-) -> PostopCallbackStatus:
-    """A handle that wrote is closing: rescan the file; an infected one becomes unopenable (and quarantined)."""
-    if flags & PostopFlags.DRAINING:
-        return PostopCallbackStatus.FINISHED_PROCESSING
+async def _rescan_if_written(cbd: CallbackData, objects: RelatedObjects, reason: str) -> None:
+    """Rescan the file if this handle wrote since its last rescan; an infected one becomes unopenable (and
+    quarantined)."""
     handle_context = get_context(objects, ContextType.STREAM_HANDLE)
     if handle_context is None:
-        return PostopCallbackStatus.FINISHED_PROCESSING
+        return
     rescan = handle_context.rescan
     handle_context.rescan = False
     release_context(handle_context)
-    file_object = cbd.iopb.target_file_object
     if not rescan:
-        return PostopCallbackStatus.FINISHED_PROCESSING
+        return
+    file_object = cbd.iopb.target_file_object
     name = _name(cbd, objects)
     own = None
     try:
@@ -494,11 +493,11 @@ async def post_cleanup(
             reader = own = await create_file(objects, name)
         attributes = await query_information_file(objects, reader)
         if attributes.size == 0:
-            return PostopCallbackStatus.FINISHED_PROCESSING
-        result = await _scan_file(objects, reader, name, attributes.size, cbd.requestor.pid, "close")
+            return
+        result = await _scan_file(objects, reader, name, attributes.size, cbd.requestor.pid, reason)
     except OSError as exc:
-        log.warning("scanner: rescan of %s at close failed: %s", name, exc)
-        return PostopCallbackStatus.FINISHED_PROCESSING
+        log.warning("scanner: rescan of %s at %s failed: %s", name, reason, exc)
+        return
     finally:
         if own is not None:
             await close_file(objects, own)
@@ -514,7 +513,26 @@ async def post_cleanup(
                 result.engine,
             )
             await _quarantine(objects, data, file_object, name)
+
+
+async def post_cleanup(
+    cbd: CallbackData, objects: RelatedObjects, context: Any, flags: PostopFlags
+) -> PostopCallbackStatus:
+    """A handle that wrote is closing (each close(2) of a descriptor of it): rescan the file."""
+    if not flags & PostopFlags.DRAINING:
+        await _rescan_if_written(cbd, objects, "close")
     return PostopCallbackStatus.FINISHED_PROCESSING
+
+
+async def pre_close(cbd: CallbackData, objects: RelatedObjects) -> PreopCallbackStatus:
+    """The handle goes (FUSE's RELEASE): rescan the file if it was written after its last CLEANUP.
+
+    Pages of a shared mapping written after close(2) reach the file system after the CLEANUP (when the
+    kernel writes them back, at the latest at munmap), so the rescan at CLEANUP never sees them (the
+    coverage hole of Windows-driver-samples #1371); the handle's last request is this CLOSE.
+    """
+    await _rescan_if_written(cbd, objects, "release")
+    return PreopCallbackStatus.SUCCESS_NO_CALLBACK
 
 
 REGISTRATION = FilterRegistration(
@@ -523,6 +541,7 @@ REGISTRATION = FilterRegistration(
         OperationRegistration(MajorFunction.WRITE, pre=pre_write),
         OperationRegistration(MajorFunction.SET_INFORMATION, post=post_set_information),
         OperationRegistration(MajorFunction.CLEANUP, post=post_cleanup),
+        OperationRegistration(MajorFunction.CLOSE, pre=pre_close),
     ),
     contexts=(ContextRegistration(ContextType.STREAM_HANDLE),),
     filter_load=filter_load,

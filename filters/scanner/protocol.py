@@ -9,8 +9,9 @@ The filter sends (FltSendMessage), on port ``ScannerPort``:
 * ``{"v": 1, "op": "scan", "kind": "file", "name", "size", "pid", "reason"}``
   with one descriptor: a pipe the filter fills with the file's data as the
   file system below the scanner has it, closing it at the end. The service
-  reads it to its end. ``reason`` is ``"open"`` or ``"close"`` (a rescan
-  after writes).
+  reads it to its end. ``reason`` is ``"open"``, ``"close"`` (a rescan
+  after writes, at a CLEANUP) or ``"release"`` (a rescan at the handle's
+  CLOSE, of writes that came after its last CLEANUP).
 * ``{"v": 1, "op": "scan", "kind": "buffer", "name", "offset", "pid",
   "reason": "write"}`` with the write's data as the body.
 

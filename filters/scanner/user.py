@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     handlers: list[logging.Handler] = [logging.StreamHandler()]
     if args.log:
-        handlers.append(logging.FileHandler(args.log))
+        handlers.append(logging.FileHandler(args.log, errors="backslashreplace"))  # names need not be UTF-8
     logging.basicConfig(level=logging.INFO, handlers=handlers, format="%(asctime)s fltfuse-scanner: %(message)s")
     log.setLevel(logging.DEBUG if args.verbose else logging.INFO)
     if not 1 <= args.threads <= 64:

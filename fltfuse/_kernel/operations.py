@@ -50,6 +50,7 @@ CLEANUP and CLOSE cannot fail: their errors are logged and the caller succeeds.
 
 from __future__ import annotations
 
+import collections
 import errno
 import functools
 import logging
@@ -164,6 +165,8 @@ class KernelAdapter(pyfuse3.Operations):
         self._files: dict[int, FileObject] = {}
         # pid -> (directory, name, inode) of its last LOOKUP: the link an open that follows used
         self._last_lookup: dict[int, tuple[int, bytes, int]] = {}
+        # inode -> how many failed WRITEs' pages are still to be dropped (see write)
+        self._unwritten_pages: collections.Counter[int] = collections.Counter()
         stack.invalidate_kernel_cache = self._generated_io_done
         self.refresh_cache_policy()
 
@@ -242,7 +245,8 @@ class KernelAdapter(pyfuse3.Operations):
         if self._direct_io:
             fo.uncached = True
             return pyfuse3.FileInfo(fh=fh, direct_io=True)
-        return pyfuse3.FileInfo(fh=fh)
+        # pages a failed WRITE left are being dropped: the kernel drops them itself before this open returns
+        return pyfuse3.FileInfo(fh=fh, keep_cache=fo.inode not in self._unwritten_pages)
 
     def _link(self, inode: int, ctx: pyfuse3.RequestContext) -> tuple[int, bytes] | None:
         """The name the caller reached ``inode`` through, if its last LOOKUP was of it."""
@@ -517,8 +521,25 @@ class KernelAdapter(pyfuse3.Operations):
     @_boundary
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         fo = self._file(fh)
-        cbd = await self._call(fo, WriteParameters(off, buf), fo.opener or _KERNEL)
+        try:
+            cbd = await self._call(fo, WriteParameters(off, buf), fo.opener or _KERNEL)
+        except pyfuse3.FUSEError:
+            if not fo.uncached:
+                self._unwritten_pages[fo.inode] += 1
+                trio.lowlevel.spawn_system_task(self._drop_unwritten_pages, fo.inode)
+            raise
         return cbd.io_status.information
+
+    async def _drop_unwritten_pages(self, inode: int) -> None:
+        """A failed write-back (a shared mapping's pages) leaves the pages in the kernel's cache, marked clean,
+        and later reads would get data the file never had (data a filter refused): drop them. The kernel holds
+        them until the WRITE is answered, so this runs after; opens meanwhile tell the kernel to drop them."""
+        try:
+            await self._invalidate_data(inode)
+        finally:
+            self._unwritten_pages[inode] -= 1
+            if not self._unwritten_pages[inode]:
+                del self._unwritten_pages[inode]
 
     @_boundary
     async def flush(self, fh: int) -> None:

@@ -233,6 +233,25 @@ async def test_every_close_of_a_handle_that_wrote_rescans_it(bench: Bench) -> No
     assert denied(excinfo)
 
 
+async def test_writes_after_the_last_cleanup_are_rescanned_at_close(bench: Bench) -> None:
+    """A handle written after its last CLEANUP (a shared mapping's pages written back after close(2)) is rescanned
+    at its CLOSE (RELEASE): the coverage hole of Windows-driver-samples #1371, with ScanWrites=0 the only scan."""
+    vol = bench.volume(ScanWrites="0", Quarantine=".quarantine")
+    service = await bench.serve(vol)
+    handle = await vol.open("mapped.txt", os.O_RDWR | os.O_CREAT)
+    ino = os.stat(vol.directory / "mapped.txt").st_ino
+    await vol.write(handle, 0, CLEAN)
+    await vol._call("mapped.txt", "flush", handle)  # close(2): CLEANUP, the mapping keeps the handle
+    await vol.write(handle, len(CLEAN), EICAR)  # munmap writes the page back
+    await vol._call("mapped.txt", "release", handle)  # no CLEANUP before the CLOSE
+    assert service.verdicts() == ["clean close /mapped.txt", "INFECTED release /mapped.txt: EICAR-Test-File"]
+    assert os.listdir(vol.directory / ".quarantine") == [f"{ino}-mapped.txt"]
+    handle = await vol.open("other.txt", os.O_RDWR | os.O_CREAT)  # written before its CLEANUP: rescanned once
+    await vol.write(handle, 0, CLEAN)
+    await vol.close_handle(handle)
+    assert service.verdicts()[2:] == ["clean close /other.txt"]
+
+
 # -- the verdict cache ------------------------------------------------------------------------------------------
 
 
@@ -354,6 +373,16 @@ async def test_only_files_with_the_configured_extensions_are_scanned(bench: Benc
         "INFECTED open /B.TXT: EICAR-Test-File",
         "INFECTED write /f.CMD: EICAR-Test-File",
     ]
+
+
+async def test_a_file_name_that_is_not_utf8_is_scanned_and_its_verdict_logged(bench: Bench) -> None:
+    name = os.fsdecode(b"caf\xe9-\xff.txt")  # Latin-1 bytes, as an old archive might leave them
+    vol = bench.volume({name: EICAR})
+    service = await bench.serve(vol)
+    with pytest.raises(PermissionError):
+        await vol.read_file(name)
+    assert service.verdicts() == ["INFECTED open /caf\\udce9-\\udcff.txt: EICAR-Test-File"]
+    assert "Logging error" not in service.log.with_suffix(".out").read_text()
 
 
 def test_the_service_is_recognised_by_its_process_and_any_of_its_threads() -> None:
@@ -504,6 +533,32 @@ async def test_a_service_killed_mid_scan_gets_the_policy_at_once(bench: Bench, p
     with pytest.raises(PermissionError) if policy == "deny" else contextlib.nullcontext():
         await vol.read_file("big.bin")
     assert data.stats["unscanned"] == 1
+
+
+@pytest.mark.parametrize("policy", ["allow", "deny"])
+async def test_an_engine_that_cannot_judge_gets_the_policy(bench: Bench, tmp_path: Path, policy: str) -> None:
+    """A rules file broken while the service runs: each scan fails (an engine error is never "clean"), the
+    service answers an error and the filter applies its Policy; fixed, scans work again."""
+    rules = tmp_path / "scanner.rules"
+    good = PatternEngine.DEFAULT_RULES.read_bytes()
+    rules.write_bytes(good)
+    vol = bench.volume({"a.txt": CLEAN, "eicar.txt": EICAR}, Policy=policy)
+    service = await bench.serve(vol, "--rules", str(rules))
+    data = data_of(vol)
+    rules.write_bytes(good + b"Broken = hex:zz\n")
+    for name, content in (("a.txt", CLEAN), ("eicar.txt", EICAR)):
+        if policy == "allow":
+            assert await vol.read_file(name) == content
+        else:
+            with pytest.raises(PermissionError):
+                await vol.read_file(name)
+    assert data.stats["failures"] == 2 and data.stats["infected"] == 0 and not data.verdicts
+    assert service.log_text().count("scan failed: pattern engine: ") == 2
+    rules.write_bytes(good)
+    assert await vol.read_file("a.txt") == CLEAN
+    with pytest.raises(PermissionError):
+        await vol.read_file("eicar.txt")
+    assert service.verdicts() == ["clean open /a.txt", "INFECTED open /eicar.txt: EICAR-Test-File"]
 
 
 # -- quarantine, parameters, the port ---------------------------------------------------------------------------

@@ -7,6 +7,8 @@ import hashlib
 import io
 import os
 import random
+import shutil
+import subprocess
 import threading
 import time
 import zipfile
@@ -415,3 +417,17 @@ def test_clamd_helper_cleans_up_when_the_body_raises(tmp_path: Path) -> None:
     assert clamd.process.returncode is not None
     with pytest.raises(EngineError, match="cannot connect"):
         ClamdEngine(clamd.socket, timeout=1).scan_bytes(b"x")
+
+
+def test_the_install_script_installs_what_the_clamav_tests_run() -> None:
+    """scripts/install.sh (run by setup.sh and by test.sh, hence CI) installs the packages that hold clamd, clamscan
+    and sigtool; the tests need nothing else of ClamAV (no service running, no downloaded database)."""
+    script = (Path(__file__).parents[2] / "scripts" / "install.sh").read_text()
+    listed = script.partition("packages=(")[2].partition("\n)")[0]
+    packages = {word for line in listed.splitlines() for word in line.partition("#")[0].split()}
+    for command in ("clamd", "clamscan", "sigtool"):
+        path = shutil.which(command, path=os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"]))
+        assert path is not None, f"{command} is not installed"
+        owner = subprocess.run(["dpkg", "-S", os.path.realpath(path)], capture_output=True, text=True, check=True)
+        package = owner.stdout.partition(":")[0]
+        assert package in packages, f"{command} comes from {package}, which scripts/install.sh does not install"
