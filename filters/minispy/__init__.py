@@ -40,7 +40,8 @@ with all three attached every request is logged three times.
   callback data flags and the arguments (every parameter that is not an
   output and not at its default: offset and length of a READ, disposition,
   type and open flags of a CREATE, the fields a SET_INFORMATION changes, the
-  destination name of a rename or link). It returns SUCCESS_WITH_CALLBACK with
+  destination name of a rename or link, the name of an extended attribute
+  and the length of its value). It returns SUCCESS_WITH_CALLBACK with
   the unfinished record as the completion context.
 * **Post-operation.** Adds the status (NTSTATUS name and the caller's errno),
   the information (bytes read or written) and the time, encodes the record
@@ -292,7 +293,8 @@ _FLAGS = tuple(
     if flag not in (CallbackDataFlags.DIRTY, CallbackDataFlags.POST_OPERATION)  # the walk's own bookkeeping
 )
 _MINOR_FIELDS = ("information_class", "minor", "control_code")
-_NOT_ARGUMENTS = frozenset({"parent", "name", "new_parent", "new_name", *_MINOR_FIELDS})  # named elsewhere
+_NOT_ARGUMENTS = frozenset({"parent", "new_parent", "new_name", *_MINOR_FIELDS})  # named elsewhere
+_CONTENTS = frozenset({"data", "value"})  # what is written, shown as its length
 _ACCESS_MODES = {os.O_RDONLY: "O_RDONLY", os.O_WRONLY: "O_WRONLY", os.O_RDWR: "O_RDWR"}
 _OPEN_FLAGS = tuple(
     (getattr(os, name), name)
@@ -343,10 +345,14 @@ _INPUTS: dict[type[Parameters], tuple[tuple[str, Any], ...]] = {}  # (name, defa
 def _inputs(params: Parameters) -> tuple[tuple[str, Any], ...]:
     inputs = _INPUTS.get(type(params))
     if inputs is None:
+        fields = dataclasses.fields(params)  # type: ignore[arg-type]
+        names_an_entry = any(f.name == "parent" for f in fields)  # its "name" is the record's (an EA's is not)
         inputs = _INPUTS[type(params)] = tuple(
             (f.name, _NO_DEFAULT if f.default is dataclasses.MISSING else f.default)
-            for f in dataclasses.fields(params)  # type: ignore[arg-type]
-            if f.name not in _NOT_ARGUMENTS and f.name not in params.OUTPUTS
+            for f in fields
+            if f.name not in _NOT_ARGUMENTS
+            and f.name not in params.OUTPUTS
+            and not (f.name == "name" and names_an_entry)
         )
     return inputs
 
@@ -360,7 +366,7 @@ def _arguments(cbd: CallbackData, objects: RelatedObjects) -> dict[str, Any]:
         if value is default or value == default:
             continue
         if isinstance(value, (bytes, bytearray, memoryview)):
-            if name == "data":
+            if name in _CONTENTS:
                 name, value = "length", len(value)
             else:
                 value = os.fsdecode(bytes(value))

@@ -21,8 +21,9 @@ instance) through the volume's control socket, as ``fltmc attach`` does;
 ``--list`` shows the filter's instances on one volume or all.
 
 Exit status: 0 when done (``--count`` reached, Ctrl-C, the output closed);
-1 when it could not connect (no port, another minispy connected, not root)
-or a control request failed; 2 for a usage error; 3 when the filter
+1 when it could not connect (no fltfuse volume there, no port, the port on
+several volumes and no ``--volume``, another minispy connected, not root) or
+a control request failed; 2 for a usage error; 3 when the filter
 disconnected it (unloaded, or its volume unmounted).
 """
 
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
+import io
 import json
 import os
 import sys
@@ -48,6 +50,7 @@ from fltfuse.port import (
     PortNotFoundError,
     PortRefusedError,
     connect_communication_port,
+    find_port,
 )
 
 from . import protocol
@@ -93,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--count takes a positive number")
     if args.instance is not None and args.attach is None and args.detach is None:
         parser.error("--instance goes with --attach or --detach")
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        sys.stdout.reconfigure(errors="surrogateescape")  # a name that is not UTF-8 is written as its bytes
     try:
         if args.attach is not None:
             return _attach(args.attach, args.instance)
@@ -105,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
                 return _stats(port, args.json)
             return _stream(port, _matcher(args, ops), args.json, args.count, sys.stdout)
     except ControlError as exc:
-        hint = " (load it first: fltmc load minispy MNT)" if exc.status == "FLT_FILTER_NOT_FOUND" else ""
+        volume = args.attach or args.detach or "MNT"
+        hint = f"; load it first: fltmc load minispy {volume}" if exc.status == "FLT_FILTER_NOT_FOUND" else ""
         return _fail(f"{exc} ({exc.status}){hint}")
     except (VolumeError, _ConnectError) as exc:
         return _fail(str(exc))
@@ -176,9 +182,10 @@ def _connect(name: str, volume: str | None) -> FilterPort:
     try:
         return connect_communication_port(name, volume=volume)
     except PortNotFoundError as exc:
+        if volume is not None:
+            _state(volume)  # VolumeError when it is no fltfuse volume at all
         raise _ConnectError(
-            f"no port {name}{where}: is the minispy filter loaded? "
-            f"(fltfuse mount --filter minispy, or fltmc load minispy MNT) [{exc}]"
+            f"{exc}: is the minispy filter loaded? (fltfuse mount --filter minispy, or fltmc load minispy MNT)"
         ) from None
     except PortRefusedError as exc:
         if exc.status == NtStatus.CONNECTION_COUNT_LIMIT:
@@ -189,7 +196,22 @@ def _connect(name: str, volume: str | None) -> FilterPort:
             why = str(exc)
         raise _ConnectError(f"connection refused: {why}") from None
     except PortError as exc:
-        raise _ConnectError(f"{exc} (name the volume with --volume)" if volume is None else str(exc)) from None
+        if volume is None and exc.status == NtStatus.OBJECT_NAME_COLLISION:
+            on = ", ".join(_volumes_with(name))
+            raise _ConnectError(f"{name} is on several volumes ({on}): name one with --volume MNT") from None
+        raise _ConnectError(str(exc)) from None
+
+
+def _volumes_with(name: str) -> list[str]:
+    """The mount points of the live volumes that have port ``name``."""
+    found = []
+    for state in _live():
+        try:
+            find_port(name, state.mountpoint)
+        except PortNotFoundError:
+            continue
+        found.append(state.mountpoint)
+    return found
 
 
 def _request(port: FilterPort, message: bytes) -> dict[str, Any]:

@@ -4,6 +4,7 @@ ending the reader, and a full buffer's drop notice; the mount keeps working thro
 
 from __future__ import annotations
 
+import errno
 import itertools
 import json
 import os
@@ -46,13 +47,27 @@ def fltmc(*argv: str) -> None:
     assert done.returncode == 0, done.stderr
 
 
+def _interruptible() -> None:
+    """In the child before its exec: Ctrl-C (SIGINT) interrupts it, as it does a command started from a
+    terminal, even when these tests run in a shell's background job (which ignores SIGINT, and its children
+    inherit that)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Stream:
     """A running ``minispy --json --volume MNT ARGV`` and the entries it printed so far."""
 
     def __init__(self, vol: MountedVolume, *argv: str):
         self.mountpoint = vol.mountpoint
         command = [*COMMAND, "--json", "--volume", vol.mountpoint, *argv]
-        self.process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.process = subprocess.Popen(
+            command,
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            preexec_fn=_interruptible,
+        )
         self.entries: Entries = []
         self._lines: queue.Queue[str | None] = queue.Queue()
         threading.Thread(target=self._pump, daemon=True).start()
@@ -108,9 +123,11 @@ class Stream:
         return self.process.stderr.read() if self.process.poll() is not None else ""
 
     def stop(self) -> int:
-        """Ctrl-C, and its exit status."""
+        """Ctrl-C, and its exit status; it must end without a word on stderr (no traceback)."""
         self.process.send_signal(signal.SIGINT)
-        return self.process.wait(timeout=10)
+        code = self.process.wait(timeout=10)
+        assert self.stderr() == ""
+        return code
 
 
 @pytest.fixture(scope="module")
@@ -229,6 +246,30 @@ def test_three_instances_log_each_request_top_down_then_bottom_up_and_detach_tak
     still_works(mnt, "after-three")
 
 
+def test_attach_and_detach_without_an_instance_name_take_the_top_instance(vol: MountedVolume) -> None:
+    """The Accept line's ``minispy /a MNT``: the default instance is the Top one; detached, it logs nothing."""
+    mnt = vol.mountpoint
+    done = minispy("--detach", mnt)
+    assert (done.returncode, done.stdout) == (0, f"detached {TOP} from {mnt}\n"), done.stderr
+    try:
+        assert instances(mnt)[TOP] == ("-", "no")
+        before = json.loads(minispy("--stats", "--json", "--volume", mnt).stdout)["sequence"]
+        assert not Path(mnt, f"unseen-{uuid.uuid4().hex}").exists()
+        assert json.loads(minispy("--stats", "--json", "--volume", mnt).stdout)["sequence"] == before
+    finally:
+        done = minispy("--attach", mnt)
+    assert (done.returncode, done.stdout) == (0, f"attached {TOP} at altitude 385100 to {mnt}\n"), done.stderr
+    assert instances(mnt)[TOP] == ("385100", "manual")
+    with Stream(vol) as stream:
+        stream.sync()  # logged again
+        assert stream.stop() == 0
+    again = minispy("--attach", mnt)
+    assert (again.returncode, again.stderr) == (
+        1,
+        f"minispy: {mnt}: altitude 385100 is taken by minispy/{TOP} (FLT_INSTANCE_ALTITUDE_COLLISION)\n",
+    )
+
+
 # -- the command's output and filters ---------------------------------------------------------------
 
 
@@ -278,7 +319,80 @@ def test_json_lines_and_the_table_show_only_what_the_filters_pass(vol: MountedVo
     assert row[header.index("NAME") :].startswith(vol.mountpoint + "/filtered/a.txt")
 
 
-# -- the port -------------------------------------------------------------------------------------
+def test_failed_requests_carry_the_errno_their_caller_got(vol: MountedVolume) -> None:
+    directory = Path(vol.mountpoint, f"errnos-{uuid.uuid4().hex}")
+    directory.mkdir()
+    (directory / "f").write_text("f\n")
+    with Stream(vol) as stream:
+        stream.sync()
+        rmdir = subprocess.run(["rmdir", str(directory)], capture_output=True, text=True)
+        assert rmdir.returncode == 1 and "Directory not empty" in rmdir.stderr
+        cat = subprocess.run(["cat", str(directory / "missing")], capture_output=True, text=True)
+        assert cat.returncode == 1 and "No such file or directory" in cat.stderr
+        with pytest.raises(OSError) as no_attribute:
+            os.getxattr(directory / "f", "user.missing")
+        assert no_attribute.value.errno == errno.ENODATA
+        os.setxattr(directory / "f", "user.set", b"12345")  # a success, for contrast: its arguments
+        stream.sync()
+        assert stream.stop() == 0
+
+    def outcomes(path: Path, process: str) -> list[tuple[str, str | None, str, str | None]]:
+        return [
+            (r["major"], r["minor"], r["status"], r["errno"]) for r in stream.records(path) if r["process"] == process
+        ]
+
+    assert ("SET_INFORMATION", "DISPOSITION", "DIRECTORY_NOT_EMPTY", "ENOTEMPTY") in outcomes(directory, "rmdir")
+    assert outcomes(directory / "missing", "cat") == [("LOOKUP", None, "OBJECT_NAME_NOT_FOUND", "ENOENT")]
+    mine = [r for r in stream.records(directory / "f") if r["arguments"].get("name", "").startswith("user.")]
+    assert [(r["major"], r["minor"], r["errno"], r["arguments"]) for r in mine] == [
+        ("QUERY_EA", "GET", "ENODATA", {"name": "user.missing"}),
+        ("SET_EA", "SET", None, {"name": "user.set", "length": 5}),
+    ]
+
+
+def test_a_name_that_is_not_utf8_is_written_as_its_bytes(vol: MountedVolume) -> None:
+    """In the table as the file's own bytes, in JSON as Python's surrogate escapes (os.fsencode gives the bytes).
+
+    PYTHONIOENCODING makes the command's stdout strict UTF-8, as a UTF-8 locale such as en_US.UTF-8 does.
+    """
+    tag = uuid.uuid4().hex
+    path = os.path.join(os.fsencode(vol.mountpoint), b"caf\xe9-" + tag.encode())
+
+    def next_create(*argv: str, flags: int) -> bytes:
+        """What ``minispy ARGV`` shows of the next CREATE of ``path``, made by an open with ``flags``."""
+        command = [*COMMAND, *argv, "--volume", vol.mountpoint, "--op", "CREATE", "--path", tag, "--count", "1"]
+        env = {**os.environ, "PYTHONIOENCODING": "utf-8:strict"}
+        reader = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        os.close(os.open(path, flags, 0o644))
+        out, err = reader.communicate(timeout=30)
+        assert (reader.returncode, err) == (0, b"")
+        return out
+
+    header, row = next_create(flags=os.O_CREAT | os.O_WRONLY).splitlines()
+    assert row[header.index(b"NAME") :].startswith(path + b"  disposition=OPEN_IF ")
+    record = json.loads(next_create("--json", flags=os.O_RDONLY))
+    assert (os.fsencode(record["name"]), record["arguments"]["disposition"]) == (path, "OPEN")
+
+
+def test_a_closed_output_ends_minispy_quietly(vol: MountedVolume) -> None:
+    """``minispy | head -5``: once head has gone, the next line minispy writes ends it, with status 0 and no
+    traceback."""
+    probe = os.path.join(vol.mountpoint, f"probe-{uuid.uuid4().hex}")
+    script = '"$@" | head -5; echo "minispy exited ${PIPESTATUS[0]}" >&2'
+    pipeline = subprocess.Popen(
+        ["bash", "-c", script, "pipeline", *COMMAND, "--volume", vol.mountpoint, "--path", probe],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 30
+    while pipeline.poll() is None and time.monotonic() < deadline:
+        assert not os.path.exists(probe)  # a LOOKUP each: minispy keeps writing until it finds the pipe closed
+        time.sleep(0.02)
+    out, err = pipeline.communicate(timeout=10)
+    assert err == "minispy exited 0\n"
+    assert len(out.splitlines()) == 5 and all(probe in line for line in out.splitlines()[1:])
 
 
 def test_a_second_minispy_is_refused_while_one_is_connected(vol: MountedVolume, wait_for: Callable[..., Any]) -> None:
@@ -292,6 +406,39 @@ def test_a_second_minispy_is_refused_while_one_is_connected(vol: MountedVolume, 
         lambda: minispy("--stats", "--json", "--volume", vol.mountpoint).stdout, "minispy --stats once the first left"
     )
     assert json.loads(stats)["capacity"] == 10_000
+
+
+def test_the_command_says_why_it_cannot_start(vol: MountedVolume, scratch: Path) -> None:
+    """No volume there, a volume without minispy, two volumes with it and no --volume, not root: one line on
+    stderr that says so, status 1, nothing on stdout."""
+
+    def fails(*argv: str, user: int | None = None) -> str:
+        done = subprocess.run([*COMMAND, *argv], cwd=ROOT, capture_output=True, text=True, timeout=60, user=user)
+        assert (done.returncode, done.stdout) == (1, ""), done.stderr
+        return done.stderr
+
+    nowhere = str(scratch)
+    for argv in (["--volume", nowhere], ["--stats", "--volume", nowhere], ["--attach", nowhere], ["--list", nowhere]):
+        assert fails(*argv) == f"minispy: {nowhere} is not a mounted fltfuse volume\n"
+    assert fails("--stats", "--volume", vol.mountpoint, user=65534) == (
+        f"minispy: connection refused: only root may connect to MiniSpyPort on {vol.mountpoint}\n"
+    )
+    with mounted_volume(scratch, size="64M") as plain:
+        mnt = plain.mountpoint
+        assert fails("--volume", mnt) == (
+            f"minispy: no port MiniSpyPort on the volume mounted at {mnt}: is the minispy filter loaded? "
+            "(fltfuse mount --filter minispy, or fltmc load minispy MNT)\n"
+        )
+        assert fails("--attach", mnt) == (
+            f"minispy: {mnt}: filter minispy is not loaded (FLT_FILTER_NOT_FOUND); "
+            f"load it first: fltmc load minispy {mnt}\n"
+        )
+        fltmc("load", "minispy", mnt)
+        several = fails("--stats")
+        assert several.startswith("minispy: MiniSpyPort is on several volumes (")
+        assert several.endswith("): name one with --volume MNT\n")
+        assert {vol.mountpoint, mnt} <= set(several[several.index("(") + 1 : several.rindex(")")].split(", "))
+    assert "Traceback" not in several
 
 
 def test_unloading_the_filter_ends_minispy_with_a_message_and_the_mount_goes_on(vol: MountedVolume) -> None:
@@ -336,4 +483,43 @@ def test_a_full_buffer_drops_records_and_the_reader_is_told_how_many(scratch: Pa
 
         after = json.loads(minispy("--stats", "--json", "--volume", small.mountpoint).stdout)
         assert notice["count"] == after["dropped"] >= before["dropped"]
+
+        for i in range(40):  # full again: this time the table shows it
+            assert not os.path.exists(os.path.join(small.mountpoint, f"again-{i}"))
+        refilled = json.loads(minispy("--stats", "--json", "--volume", small.mountpoint).stdout)
+        table = subprocess.Popen(
+            [*COMMAND, "--volume", small.mountpoint, "--count", "21"], cwd=ROOT, stdout=subprocess.PIPE, text=True
+        )
+        deadline = time.monotonic() + 30
+        while table.poll() is None and time.monotonic() < deadline:
+            assert not os.path.exists(os.path.join(small.mountpoint, "one-more"))  # logged once it has room
+            time.sleep(0.02)
+        out, _ = table.communicate(timeout=10)
+        final = json.loads(minispy("--stats", "--json", "--volume", small.mountpoint).stdout)
+        lines = out.splitlines()
+        assert len(lines) >= 1 + 20 + 1 + 1 and lines[0].split()[0] == "SEQ"
+        assert all(" LOOKUP " in line and "/again-" in line for line in lines[1:21])
+        notice = re.fullmatch(
+            r"\*\*\* (\d+) record\(s\) dropped here: the filter's buffer was full \(MaxRecords\) \*\*\*", lines[21]
+        )
+        assert notice, lines[21]  # the 20 "again-" and the "one-more" that found the buffer full still
+        assert refilled["dropped"] - after["dropped"] <= int(notice[1]) <= final["dropped"] - after["dropped"]
         still_works(small.mountpoint, "after-overflow")
+
+
+def test_a_flood_with_no_reader_is_dropped_and_never_waited_for(scratch: Path) -> None:
+    """cp -r of 2000 files while no minispy reads: the copy completes and is right, the buffer holds MaxRecords,
+    and every other request was dropped and counted (none waits for room)."""
+    tree = scratch / "tree"
+    tree.mkdir()
+    for i in range(2000):
+        (tree / f"f{i:04}").write_bytes(b"%d\n" % i)
+    with mounted_volume(
+        scratch / "volume", size="64M", filters=("minispy",), parameters={"minispy": {"MaxRecords": "100"}}
+    ) as small:
+        copy = Path(small.mountpoint, "copy")
+        subprocess.run(["cp", "-r", str(tree), str(copy)], check=True, timeout=300)
+        stats = json.loads(minispy("--stats", "--json", "--volume", small.mountpoint).stdout)
+        assert subprocess.run(["diff", "-r", str(tree), str(copy)], capture_output=True).returncode == 0
+    assert stats["buffered"] == stats["capacity"] == stats["logged"] == 100
+    assert stats["dropped"] == stats["sequence"] - 100 >= 5 * 2000  # LOOKUP, CREATE, WRITE, CLEANUP, CLOSE a file

@@ -148,6 +148,44 @@ async def test_each_request_is_logged_with_its_name_requestor_outcome_and_argume
     assert abs(records[0]["pre_time"] - time.time_ns()) < 60e9  # wall-clock time
 
 
+RECORD_FIELDS = (
+    "type",
+    "seq",
+    "instance",
+    "altitude",
+    "major",
+    "minor",
+    "name",
+    "inode",
+    "pid",
+    "tid",
+    "process",
+    "status",
+    "errno",
+    "information",
+    "pre_time",
+    "post_time",
+    "flags",
+    "record_flags",
+    "arguments",
+)
+
+
+async def test_entries_have_the_stable_fields_the_protocol_documents(tmp_path: Path) -> None:
+    """What ``minispy --json`` prints is these entries: their field names are an interface (version 1)."""
+    async with minispy(tmp_path / "vol", MaxRecords="1") as (vol, reader):
+        for name in ("one", "two"):
+            with pytest.raises(FileNotFoundError):
+                await vol.lookup(name)
+        record, notice = await reader.log()
+    assert tuple(record) == RECORD_FIELDS
+    assert tuple(notice) == ("type", "count", "time") and notice["type"] == "dropped"
+    documented = protocol.__doc__ or ""
+    for field in RECORD_FIELDS[1:]:
+        assert f'"{field}"' in documented, field
+    assert '{"type": "record", "seq"' in documented and '{"type": "dropped", "count": N, "time": NS}' in documented
+
+
 async def test_a_request_whose_name_cannot_be_had_is_logged_by_inode_and_still_succeeds(tmp_path: Path) -> None:
     async with minispy(tmp_path / "vol") as (vol, reader):
         handle = await vol.open("doomed", os.O_RDWR | os.O_CREAT)
