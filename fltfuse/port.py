@@ -29,6 +29,7 @@ path (``InProcessVolume.port_path(name)``).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import socket
@@ -297,13 +298,13 @@ class FilterPort(_Connection):
 
     def close(self) -> None:
         """Disconnect (the filter's disconnect callback runs); waiting calls get PortDisconnectedError."""
+        self._fail(PortDisconnectedError(f"port {self.path.name}: closed"))  # before the reader sees the end
         try:
             self._sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
         if self._reader.is_alive() and self._reader is not threading.current_thread():
             self._reader.join()
-        self._fail(PortDisconnectedError(f"port {self.path.name}: closed"))
         self._sock.close()
 
     # -- the reader thread --------------------------------------------------------------------------
@@ -387,10 +388,10 @@ async def open_filter_port(
                 try:
                     yield port
                 finally:
+                    port._fail(PortDisconnectedError(f"port {path.name}: closed"))  # before the reader ends
                     nursery.cancel_scope.cancel()
         finally:
             decoder.close()
-            port._fail(PortDisconnectedError(f"port {path.name}: closed"))
 
 
 class AsyncFilterPort(_Connection):
@@ -433,15 +434,24 @@ class AsyncFilterPort(_Connection):
         await self._write(_reply_frame(message_id, data, status))
 
     async def _write(self, frame: Frame) -> None:
+        """Write one frame. A write cut short (a cancelled send of a large message) leaves the stream
+        mid-frame: the port is disconnected then, so that no later frame is read as the rest of it."""
         self._raise_if_closed()
         data = memoryview(encode(frame))
         async with self._send_lock:
+            self._raise_if_closed()
+            sent = 0
             try:
-                sent = 0
                 while sent < len(data):
                     sent += await self._sock.send(data[sent:])
-            except (OSError, trio.ClosedResourceError) as exc:
-                raise PortDisconnectedError(f"port {self.path.name}: {exc}") from exc
+            except BaseException as exc:
+                if 0 < sent < len(data):
+                    with contextlib.suppress(OSError):
+                        self._sock.shutdown(socket.SHUT_RDWR)
+                    self._fail(PortDisconnectedError(f"port {self.path.name}: a message was cut short, disconnected"))
+                if isinstance(exc, (OSError, trio.ClosedResourceError)):
+                    raise PortDisconnectedError(f"port {self.path.name}: {exc}") from exc
+                raise
 
     async def _read(self) -> None:
         with _reading(self.path, self._fail):

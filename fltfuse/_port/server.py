@@ -25,7 +25,9 @@ Callback contracts (``connect_notify`` and ``message_notify`` may be coroutine f
   Messages of one client are handled concurrently (up to
   :data:`MAX_REQUESTS_IN_FLIGHT`; beyond that the client gets
   INSUFFICIENT_RESOURCES), so a callback may wait for the same client's reply
-  to a :func:`send_message`.
+  to a :func:`send_message`. A client that sends without reading the answers
+  is no longer read once they fill its socket: its own writes block
+  (backpressure), and the daemon holds no more for it than those answers.
 
 Security: a :class:`PortSecurity` stands in for the security descriptor. The
 socket file gets its owner, group and mode, and every connecting peer's
@@ -40,6 +42,7 @@ Windows counterpart: ``FltCreateCommunicationPort``,
 from __future__ import annotations
 
 import array
+import errno
 import inspect
 import itertools
 import logging
@@ -82,6 +85,8 @@ DEFAULT_SEND_TIMEOUT = 30.0  # seconds; every send has one unless the caller say
 DEFAULT_REPLY_CAPACITY = 64 * 1024
 MAX_REQUESTS_IN_FLIGHT = 64
 HANDSHAKE_TIMEOUT = 5.0
+ACCEPT_RETRY_DELAY = 0.1
+_ACCEPT_SHORTAGES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
 @dataclass(frozen=True)
@@ -409,19 +414,34 @@ _LISTENING: dict[Path, CommunicationPort] = {}
 
 
 async def _accept(port: CommunicationPort) -> None:
-    """The port's listener: each connection gets a task of its own, which outlives the listener."""
+    """The port's listener: each connection gets a task of its own, which outlives the listener.
+
+    Running out of descriptors or memory (EMFILE, ENFILE, ENOBUFS, ENOMEM) is
+    passing: the connection waits in the backlog, and accept is retried every
+    ACCEPT_RETRY_DELAY seconds until it succeeds (logged once each time).
+    """
     listener = port._listener
     assert listener is not None
+    short_of_resources = False
     while not port.closed:
         try:
             await trio.lowlevel.wait_readable(listener)
             raw, _ = listener.accept()
-        except (BlockingIOError, InterruptedError):
+        except (BlockingIOError, InterruptedError, ConnectionAbortedError):
             continue
-        except (OSError, trio.ClosedResourceError):
-            if not port.closed:
-                log.exception("port %s: accept failed; the port stops listening", port.name)
-            return
+        except (OSError, trio.ClosedResourceError) as exc:
+            if not isinstance(exc, OSError) or exc.errno not in _ACCEPT_SHORTAGES:
+                if not port.closed:
+                    log.exception("port %s: accept failed; the port stops listening", port.name)
+                return
+            if not short_of_resources:
+                log.warning("port %s: cannot accept a connection (%s); retrying", port.name, exc)
+                short_of_resources = True
+            await trio.sleep(ACCEPT_RETRY_DELAY)
+            continue
+        if short_of_resources:
+            log.info("port %s: accepting connections again", port.name)
+            short_of_resources = False
         trio.lowlevel.spawn_system_task(_serve_client, port, raw, name=f"port {port.name} client")
 
 
@@ -546,8 +566,10 @@ async def _serve_messages(client: ClientPort, decoder: Decoder) -> None:
                             waiter.event.set()
                     elif frame.kind is FrameKind.REQUEST:
                         if in_flight[0] >= MAX_REQUESTS_IN_FLIGHT:
-                            status = NtStatus.INSUFFICIENT_RESOURCES
-                            nursery.start_soon(_respond, client, frame.message_id, status, b"")
+                            # Refused here, not in a task: a client that sends without reading its answers
+                            # stops being read once its socket is full (backpressure), instead of making
+                            # the daemon hold a task and an answer for each request it sends.
+                            await _respond(client, frame.message_id, NtStatus.INSUFFICIENT_RESOURCES, b"")
                         else:
                             in_flight[0] += 1
                             nursery.start_soon(_handle_request, client, frame, in_flight)

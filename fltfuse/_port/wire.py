@@ -39,11 +39,14 @@ from __future__ import annotations
 
 import array
 import enum
+import errno
 import os
 import re
 import socket
 import struct
 from dataclasses import dataclass
+
+from .._status import errno_from_status
 
 MAGIC = b"FP"
 VERSION = 1
@@ -84,14 +87,17 @@ class Frame:
 
 
 class PortError(OSError):
-    """A port operation failed; ``status`` is the NTSTATUS value that says why."""
+    """A port operation failed; ``status`` is the NTSTATUS value that says why, ``errno`` its errno
+    (EACCES for ACCESS_DENIED, ECONNREFUSED, ECONNRESET for PORT_DISCONNECTED, ETIMEDOUT, ...)."""
 
     status: int = 0xC0000001  # UNSUCCESSFUL
+    own_errno: int | None = None  # the errno when the status's own would mislead
 
     def __init__(self, message: str, status: int | None = None):
         super().__init__(message)
         if status is not None:
             self.status = status
+        self.errno = self.own_errno or errno_from_status(self.status) or None
 
 
 class PortDisconnectedError(PortError, ConnectionResetError):
@@ -104,6 +110,7 @@ class PortTimeoutError(PortError, TimeoutError):
     """No reply (or no delivery) within the timeout. Never a reply: there is nothing to read."""
 
     status = 0x00000102  # STATUS_TIMEOUT, a *success* code on Windows; here it cannot be mistaken for one
+    own_errno = errno.ETIMEDOUT
 
 
 class PortRefusedError(PortError, ConnectionRefusedError):
@@ -122,6 +129,7 @@ class PortBufferOverflowError(PortError):
     """A reply longer than the capacity the sender gave (STATUS_BUFFER_OVERFLOW)."""
 
     status = 0x80000005
+    own_errno = errno.EMSGSIZE
 
 
 class PortProtocolError(PortError):

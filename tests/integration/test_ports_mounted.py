@@ -4,11 +4,17 @@ The helper filter ``porttest`` (``port_filters/``) creates one port in its
 ``filter_load`` and logs each connect and disconnect in the daemon's log; the
 clients are ``port_filters/porttest_client.py`` processes. Each mount names
 its port after the test process, so that a bare port name finds this mount's
-port even while other tests' daemons have ports of their own.
+port even while other tests' daemons have ports of their own. The daemon's
+robustness is checked from outside: the unit fuzzer's bad clients and
+hundreds of connect/disconnect cycles against its port (its descriptor count
+in /proc/PID/fd, its log, the mount still serving), and a kill -9 of the
+daemon followed by the next mount of the volume.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import re
 import socket
@@ -20,17 +26,20 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import trio
 
 from fltfuse._port.wire import Frame, FrameKind, encode
 from fltfuse._volume import state_root, volume_id
-from fltfuse.port import find_ports
-from fltfuse.testing import MountedVolume, mounted_volume, why_no_mount
+from fltfuse.port import PortNotFoundError, PortRefusedError, connect_communication_port, find_ports
+from fltfuse.testing import MountedVolume, mount, mounted_volume, why_no_mount
 from tests.integration.port_filters.porttest_client import ClientProcess
+from tests.unit.test_port_fuzz import SEED, Case, cases, play
 
 pytestmark = pytest.mark.skipif(why_no_mount() is not None, reason=str(why_no_mount()))
 
 FILTER_PATH = (str(Path(__file__).resolve().parent / "port_filters" / "inf"),)
 PORT = f"PortTest-{os.getpid()}"
+MOUNTED_CASES = 150  # of the unit fuzzer's cases, played against the daemon
 
 
 def ports_directory(vol: MountedVolume) -> Path:
@@ -77,6 +86,7 @@ def test_the_port_is_a_socket_in_the_volumes_ports_directory(vol: MountedVolume)
     with ClientProcess(PORT, "v1", user=65534, group=65534, extra_groups=[]) as stranger:  # finds it by name
         assert stranger.first["error"] == "PortRefusedError", stranger.first
         assert stranger.first["status"] == 0xC0000022  # ACCESS_DENIED: mode 0640 lets no other user write to it
+        assert stranger.first["errno"] == errno.EACCES
 
 
 @pytest.mark.parametrize("how", ["volume", "bare name", "backslash name", "path"])
@@ -142,3 +152,116 @@ def test_fltmc_unload_disconnects_the_client_and_removes_the_socket(
         directory = ports_directory(mounted)
         assert directory.is_dir() and not any(directory.iterdir())
     assert not directory.exists()  # the unmount removed the volume's ports directory
+
+
+def daemon_descriptors(vol: MountedVolume) -> int:
+    return len(os.listdir(f"/proc/{vol.pid}/fd"))
+
+
+async def play_within_30s(path: str, case: Case, spare_fd: int) -> None:
+    """One fuzz case against the daemon; TooSlowError if the daemon does not hang up on it."""
+    with trio.fail_after(30):
+        await play(path, case, spare_fd)
+
+
+def test_fuzzed_clients_never_harm_the_mount(vol: MountedVolume, wait_for: Callable[..., Any]) -> None:
+    """The unit fuzzer's bad clients against the real daemon: each is disconnected with a log line naming
+    it (this process's pid) and its problem; a client that sends nothing is dropped after the handshake
+    timeout without holding up the others; the good client, the mount's files and the daemon's
+    descriptor count are as before."""
+    data = Path(vol.mountpoint) / "fuzz-survivor.txt"
+    data.write_bytes(b"still here\n")
+    path = str(ports_directory(vol) / PORT)
+    peer = f"pid {os.getpid()} (uid {os.geteuid()})"
+    spare_read, spare_write = os.pipe()
+    try:
+        with connect_communication_port(path, b"good") as good, socket.socket(socket.AF_UNIX) as silent:
+            before = daemon_descriptors(vol)
+            silent.connect(path)  # and sends nothing, ever
+            played = [case for case in cases(SEED, MOUNTED_CASES) if case.name != "no CONNECT"]
+            for number, case in enumerate(played):
+                start = len(vol.log_text())
+                trio.run(play_within_30s, path, case, spare_read)
+                said = wait_for(
+                    lambda s=start: [
+                        line for line in vol.log_text()[s:].splitlines() if "WARNING" in line and peer in line
+                    ],
+                    f"the log line about case {number} ({case.name})",
+                )
+                assert any(case.expect in line for line in said), (number, case, said)
+                assert good.send_message(b"%d" % number, timeout=30) == b"echo:%d" % number
+                if number % 10 == 0:
+                    assert subprocess.run(["cat", str(data)], capture_output=True, timeout=30).stdout == b"still here\n"
+            wait_for(lambda: f"{peer} sent no CONNECT within 5.0 s" in vol.log_text(), "the silent client's drop")
+            assert silent.recv(1) == b""  # the daemon hung up on it
+            wait_for(lambda: daemon_descriptors(vol) <= before, f"the daemon's {before} descriptors again")
+    finally:
+        os.close(spare_read)
+        os.close(spare_write)
+    assert data.read_bytes() == b"still here\n"
+
+
+def test_connect_disconnect_cycles_leak_no_descriptor(vol: MountedVolume, wait_for: Callable[..., Any]) -> None:
+    """Hundreds of accepted, refused (by the filter, or at MaxConnections 4) and abandoned connections: the
+    daemon's descriptor count (/proc/PID/fd) comes back to where it was, and the port still serves."""
+    path = str(ports_directory(vol) / PORT)
+    before = daemon_descriptors(vol)  # may count an earlier test's client the daemon is still closing: "at most"
+    for n in range(300):
+        with connect_communication_port(path, b"cycle %d" % n) as port:
+            if n % 30 == 0:
+                assert port.send_message(b"%d" % n, timeout=30) == b"echo:%d" % n
+    for _ in range(50):
+        with pytest.raises(PortRefusedError):
+            connect_communication_port(path, b"bad")
+    with contextlib.ExitStack() as held:
+        for n in range(4):
+            held.enter_context(connect_communication_port(path, b"held %d" % n))
+        for _ in range(50):
+            with pytest.raises(PortRefusedError):
+                connect_communication_port(path, b"one too many")
+    for _ in range(50):  # connect and hang up before CONNECT
+        with socket.socket(socket.AF_UNIX) as abandoned:
+            abandoned.connect(path)
+    wait_for(lambda: daemon_descriptors(vol) <= before, f"the daemon's {before} descriptors again")
+    with connect_communication_port(path, b"after") as port:
+        assert port.send_message(b"after", timeout=30) == b"echo:after"
+
+
+def test_after_the_daemon_is_killed_the_next_daemon_creates_the_port_again(
+    tmp_path: Path, wait_for: Callable[..., Any]
+) -> None:
+    """kill -9 of the daemon: its client gets PortDisconnectedError and its socket file stays behind, on
+    which nobody listens. ``fltfuse unmount`` recovers the dead mount (and removes its ports); a stale
+    socket planted where the port goes (what a crash leaves when its state file is lost, so that no
+    recovery knows of it) does not stop the next daemon of the volume from creating the port."""
+    port = f"PortCrash-{os.getpid()}"
+    with mounted_volume(
+        tmp_path, size="128M", filters=("porttest",), filter_path=FILTER_PATH, parameters=parameters(port)
+    ) as crashed:
+        path = ports_directory(crashed) / port
+        with ClientProcess(port, "before", volume=crashed.mountpoint) as client:
+            assert client.first == {"connected": client.pid}
+            client.write("get")
+            crashed.kill()
+            outcome = client.read()
+            assert outcome["error"] == "PortDisconnectedError", outcome
+        assert stat.S_ISSOCK(path.lstat().st_mode)  # stale: nobody listens on it
+        with pytest.raises(PortNotFoundError, match="no daemon listens"):
+            connect_communication_port(str(path), b"v1")
+        crashed.unmount()
+        assert not path.parent.exists()
+        path.parent.mkdir(mode=0o755)
+        with socket.socket(socket.AF_UNIX) as stale:
+            stale.bind(str(path))
+        again = mount(
+            crashed.image,
+            crashed.mountpoint,
+            filters=("porttest",),
+            filter_path=FILTER_PATH,
+            parameters=parameters(port),
+        )
+        assert again.pid != crashed.pid
+        with ClientProcess(port, "after", volume=again.mountpoint) as client:
+            assert client.first == {"connected": client.pid}
+            assert client.command("send again") == {"answer": "echo:again"}
+        wait_for(lambda: f"porttest: disconnected pid {client.pid}" in again.log_text(), "its disconnect callback")

@@ -5,9 +5,10 @@
   oversized lengths, frames cut short by the end of the stream, frames only
   the daemon may send, descriptors where none belong, garbage, a second
   CONNECT, no CONNECT at all), each on a raw socket, before or after a valid
-  handshake. Each is disconnected with a log line naming its problem, each
-  accepted one gets its disconnect callback once, a well-behaved client on the
-  same port keeps working throughout, and the daemon keeps no descriptor.
+  handshake. Each is disconnected with a log line naming it (pid and uid)
+  and its problem, each accepted one gets its disconnect callback once, a
+  well-behaved client on the same port keeps working throughout, and the
+  daemon keeps no descriptor.
 * The :class:`~fltfuse._port.wire.Decoder` alone, fed valid frame streams cut
   at random places, gives the same frames; a stream that ends inside a frame
   is a truncated frame and one that ends between frames is not.
@@ -246,6 +247,7 @@ async def test_bad_clients_are_disconnected_and_the_port_serves_on(
                 await good.reply_message(message.message_id, b"re:" + message.data)
 
             before = open_descriptors()
+            peer = f"pid {os.getpid()} (uid {os.geteuid()})"  # each log line names the bad client
             with trio.fail_after(60):
                 for number, case in enumerate(cases(SEED, CASES)):
                     start = len(caplog.records)
@@ -254,7 +256,7 @@ async def test_bad_clients_are_disconnected_and_the_port_serves_on(
                     monkeypatch.setattr(server, "HANDSHAKE_TIMEOUT", 0.05 if case.name == "no CONNECT" else 30.0)
                     await play(vol.port_path(PORT), case, spare_read)
                     said = [r.getMessage() for r in caplog.records[start:] if r.levelno >= logging.WARNING]
-                    assert any(case.expect in line for line in said), (number, case, said)
+                    assert any(case.expect in line and peer in line for line in said), (number, case, said)
                     assert not any("filter bug" in line or "failed" in line for line in said), said
                     seen[case.name] = seen.get(case.name, 0) + 1
                     assert await good.send_message(b"ping %d" % number) == b"echo:ping %d" % number

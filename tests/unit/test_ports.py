@@ -13,8 +13,12 @@ as another user where security is the point or killed where death is.
 from __future__ import annotations
 
 import contextlib
+import errno
+import inspect
 import logging
 import os
+import resource
+import socket
 import stat
 import threading
 import zlib
@@ -46,6 +50,21 @@ from fltfuse import (
     send_message,
 )
 from fltfuse._port import server
+from fltfuse._port.wire import (
+    FROM_DAEMON,
+    HEADER,
+    MAGIC,
+    MAX_CONTEXT,
+    MAX_FDS,
+    MAX_PAYLOAD,
+    NO_REPLY,
+    VERSION,
+    Decoder,
+    Frame,
+    FrameKind,
+    PortProtocolError,
+    encode,
+)
 from fltfuse.port import FilterPort, PortMessage, PortNotFoundError, connect_communication_port, open_filter_port
 from fltfuse.testing import InProcessVolume
 from tests.integration.port_filters.porttest_client import ClientProcess
@@ -247,6 +266,24 @@ async def test_connections_beyond_the_maximum_are_refused_until_one_ends(tmp_pat
         assert [c.context for c in pf.connections] == [b"v1", b"second"]
 
 
+async def test_a_killed_clients_connection_is_free_again_at_once(tmp_path: Path) -> None:
+    """MaxConnections 1 (the scanner's): a second client process is refused while the first lives and
+    gets in right after the first was killed with SIGKILL (it never closed its port)."""
+    pf = PortFilter(max_connections=1)
+    async with pf.volume(tmp_path) as vol:
+        with await in_thread(ClientProcess, vol.port_path(PORT), "first") as first:
+            assert "connected" in first.first, first.first
+            with await in_thread(ClientProcess, vol.port_path(PORT), "second") as second:
+                assert second.first["error"] == "PortRefusedError", second.first
+                assert second.first["status"] == NtStatus.CONNECTION_COUNT_LIMIT
+            await in_thread(first.kill)
+            with await in_thread(ClientProcess, vol.port_path(PORT), "third") as third:  # no wait for the daemon
+                assert "connected" in third.first, third.first
+                assert await in_thread(third.command, "send hi") == {"answer": "echo:hi"}
+        assert [c.context for c in pf.connections] == [b"first", b"third"]
+        assert pf.disconnected[0] is pf.connections[0]
+
+
 async def test_a_duplicate_port_name_is_a_name_collision(tmp_path: Path) -> None:
     pf = PortFilter()
     other = Filter("other", FilterRegistration())
@@ -365,6 +402,7 @@ async def test_security_decides_who_may_connect(
             else:
                 assert client.first["error"] == "PortRefusedError", client.first
                 assert client.first["status"] == NtStatus.ACCESS_DENIED
+                assert client.first["errno"] == errno.EACCES  # the kernel's refusal or the daemon's: the same
                 assert pf.connections == []
         finally:
             assert await in_thread(client.close) == 0
@@ -490,6 +528,13 @@ async def test_requests_beyond_the_in_flight_limit_get_insufficient_resources(tm
 
 
 # -- FltSendMessage ---------------------------------------------------------------------------------------
+
+
+def test_every_filter_send_has_a_finite_timeout_by_default() -> None:
+    """The hung-service pitfall: FltSendMessage with a NULL timeout waits forever; here a send the filter
+    gives no timeout waits DEFAULT_SEND_TIMEOUT (30 s) and no more."""
+    default = inspect.signature(send_message).parameters["timeout"].default
+    assert default == server.DEFAULT_SEND_TIMEOUT == 30.0
 
 
 async def test_send_message_gets_the_clients_reply(tmp_path: Path) -> None:
@@ -724,6 +769,22 @@ async def test_the_filter_closing_a_client_port_wakes_its_gets_without_disconnec
     assert [c.context for c in pf.disconnected] == [b"next"]  # none for the two the filter closed
 
 
+async def test_a_port_its_client_closed_says_so(tmp_path: Path) -> None:
+    """After close() (threads) or the end of ``async with`` (trio), calls raise PortDisconnectedError
+    saying the port was closed, not that the daemon closed it; the filter sees both disconnects."""
+    pf = PortFilter()
+    async with pf.volume(tmp_path) as vol:
+        port = await connect(vol)
+        await in_thread(port.close)
+        async with open_filter_port(vol.port_path(PORT)) as trio_port:
+            pass
+        for closed in (partial(in_thread, port.send_message, b"x", timeout=10), partial(trio_port.send_message, b"x")):
+            with pytest.raises(PortDisconnectedError) as disconnected:
+                await closed()
+            assert str(disconnected.value) == f"port {PORT}: closed"
+        await until(lambda: len(pf.disconnected) == 2, "both disconnect callbacks")
+
+
 async def test_a_killed_client_is_disconnected_within_a_second_and_its_pending_send_fails(tmp_path: Path) -> None:
     pf = PortFilter()
     async with pf.volume(tmp_path) as vol:
@@ -819,3 +880,255 @@ async def test_a_disconnect_notify_that_raises_is_logged(tmp_path: Path, caplog:
         await until(lambda: "disconnect_notify raised RuntimeError" in caplog.text, "the filter bug's log line")
         with await connect(vol) as port:  # the port serves on
             assert await in_thread(port.send_message, b"x", timeout=10) == b"echo:x"
+
+
+# -- robustness: clients that misbehave, the daemon's descriptors, stale sockets ---------------------------
+
+
+def raw_client(vol: InProcessVolume, context: bytes = b"raw") -> socket.socket:
+    """A client on a bare socket (blocking: use it in a thread), accepted, then doing only what the test does."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(10)
+    sock.connect(vol.port_path(PORT))
+    sock.sendall(encode(Frame(FrameKind.CONNECT, payload=context)))
+    [connected] = Decoder(FROM_DAEMON).feed(sock.recv(4096))
+    assert connected.kind is FrameKind.CONNECTED and connected.aux == NtStatus.SUCCESS, connected
+    return sock
+
+
+async def test_a_client_that_does_not_read_its_answers_is_not_read_either(tmp_path: Path) -> None:
+    """Backpressure: a client that floods requests and never reads the answers soon finds its own writes
+    blocked (the daemon stopped reading it) instead of making the daemon hold a task and an answer for
+    each request; the daemon serves the other clients meanwhile."""
+    pf = PortFilter(max_connections=2)
+    async with pf.volume(tmp_path) as vol:
+        flooder = await in_thread(raw_client, vol)
+        request = encode(Frame(FrameKind.REQUEST, 1, 100, b"x"))
+
+        def flood(frames: int) -> int:
+            flooder.settimeout(1)
+            for sent in range(frames):
+                try:
+                    flooder.sendall(request)
+                except TimeoutError:
+                    return sent
+            return frames
+
+        with flooder:
+            sent = await in_thread(flood, 100_000)
+            assert sent < 10_000, f"the daemon read {sent} requests from a client that reads nothing"
+            with await connect(vol, b"other") as other:
+                assert await in_thread(other.send_message, b"meanwhile", timeout=10) == b"echo:meanwhile"
+        await until(lambda: len(pf.disconnected) == 2, "both disconnect callbacks")
+        assert pf.port is not None and pf.port.clients == []
+
+
+async def test_a_send_to_a_client_that_stops_reading_times_out_and_blocks_nothing_else(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The filter's 4 MiB message to a client that reads nothing fills its socket: the send times out at
+    its timeout (the daemon's loop waits on nothing), the message cut short disconnects that client
+    (its stream is mid-frame), a send queued behind it fails with PORT_DISCONNECTED, and another client
+    exchanges messages both ways meanwhile."""
+    caplog.set_level(logging.INFO, logger="fltfuse.port")
+    pf = PortFilter(max_connections=2)
+    async with pf.volume(tmp_path) as vol:
+        with await in_thread(raw_client, vol), await connect(vol, b"other") as other:
+            stuck, fine = (c.client for c in pf.connections)
+            big: list[Any] = []
+            queued: list[Any] = []
+            start = trio.current_time()
+            with trio.fail_after(20):  # a send that waited for the socket without its timeout would hang here
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(outcome_of, partial(send_message, stuck, b"x" * MAX_PAYLOAD, timeout=1), big)
+                    nursery.start_soon(outcome_of, partial(send_message, stuck, b"queued", timeout=10), queued)
+                    assert await in_thread(other.send_message, b"meanwhile", timeout=10) == b"echo:meanwhile"
+                    nursery.start_soon(in_thread, answer_one, other)
+                    assert await send_message(fine, b"fine", timeout=10) == b"re:fine"
+            elapsed = trio.current_time() - start
+            assert isinstance(big[0], PortTimeoutError), big
+            assert isinstance(queued[0], PortDisconnectedError), queued
+            assert 1.0 <= elapsed < 2.5, elapsed
+            assert not stuck.connected and fine.connected
+            assert "disconnected: a message to it was cut short" in caplog.text
+            assert pf.disconnected == [pf.connections[0]]
+
+
+async def test_a_trio_clients_cancelled_send_disconnects_it_instead_of_garbling_the_stream(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A trio task's large send_message cancelled after part of the frame was written: the port is
+    disconnected (the daemon sees a truncated frame), so that no later message is read as the rest of it."""
+    seen: list[bytes] = []
+
+    def record(connection: Connection, data: bytes, reply_capacity: int) -> bytes:
+        seen.append(data)
+        return b"ok"
+
+    pf = PortFilter(message_notify=record)
+    async with pf.volume(tmp_path) as vol, open_filter_port(vol.port_path(PORT)) as port:
+        writes: list[int] = []
+        with trio.CancelScope() as scope:
+            send = port._sock.send
+
+            async def send_then_cancel(data: Any) -> int:  # the first piece is written, then the task is cancelled
+                writes.append(await send(data))
+                scope.cancel()
+                return writes[-1]
+
+            port._sock.send = send_then_cancel  # type: ignore[method-assign]
+            await port.send_message(b"x" * MAX_PAYLOAD)
+        assert len(writes) == 1 and 0 < writes[0] < MAX_PAYLOAD, writes
+        assert not port.connected
+        with pytest.raises(PortDisconnectedError, match="cut short"):
+            await port.send_message(b"next")
+        await until(lambda: pf.disconnected, "the disconnect callback")
+        assert seen == []
+        assert "broke the protocol: the stream ended inside a frame" in caplog.text
+
+
+async def test_replies_no_send_waits_for_are_dropped(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A reply to an id the filter never sent, or a second reply to one already answered, is dropped (with
+    a debug line); the connection and the next exchange are unaffected."""
+    caplog.set_level(logging.DEBUG, logger="fltfuse.port")
+    pf = PortFilter()
+    async with pf.volume(tmp_path) as vol:
+        with await connect(vol) as port:
+            client = pf.connections[0].client
+            await in_thread(port.reply_message, 987654321, b"nobody asked")
+            got: list[PortMessage] = []
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(outcome_of, partial(in_thread, answer_one, port), got)
+                assert await send_message(client, b"once", timeout=10) == b"re:once"
+            await in_thread(port.reply_message, got[0].message_id, b"twice")
+            for message_id in (987654321, got[0].message_id):
+                dropped = f"replied to message {message_id}, which waits no more"
+                await until(lambda d=dropped: d in caplog.text, dropped)  # type: ignore[misc]
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(in_thread, answer_one, port)
+                assert await send_message(client, b"next", timeout=10) == b"re:next"
+            assert client.connected and pf.disconnected == []
+
+
+async def test_a_stale_socket_file_is_replaced_and_a_deleted_one_stops_only_new_connections(tmp_path: Path) -> None:
+    """A socket file a crashed daemon left where the port goes is replaced; one deleted while the port
+    listens makes new clients get PortNotFoundError, the connected client serves on, closing the port
+    is fine, and the filter can create it again. A file that is not a socket is never removed."""
+    pf = PortFilter()
+    ports = tmp_path / "ports"  # the filter's port directory, made before the volume starts it
+    ports.mkdir()
+    pf.filter.port_directory = str(ports)
+    path = str(ports / PORT)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as crashed:
+        crashed.bind(path)  # bound and never listening: what a dead daemon leaves
+    async with pf.volume(tmp_path):
+        with await in_thread(connect_communication_port, path, b"v1") as port:
+            assert await in_thread(port.send_message, b"on a stale path", timeout=10) == b"echo:on a stale path"
+            os.unlink(path)
+            with pytest.raises(PortNotFoundError):
+                await in_thread(connect_communication_port, path, b"late")
+            assert await in_thread(port.send_message, b"still", timeout=10) == b"echo:still"
+            assert pf.port is not None
+            close_communication_port(pf.port)
+            pf._load(pf.filter)  # created again, as a filter reload would
+            with await in_thread(connect_communication_port, path, b"again") as again:
+                assert await in_thread(again.send_message, b"x", timeout=10) == b"echo:x"
+            not_a_socket = ports / "Other"
+            not_a_socket.write_text("keep me")
+            with pytest.raises(PortError, match="cannot listen"):
+                create_communication_port(
+                    pf.filter, "Other", connect_notify=pf._connect, disconnect_notify=pf._disconnect, max_connections=1
+                )
+            assert not_a_socket.read_text() == "keep me"
+
+
+async def test_a_port_keeps_listening_when_the_daemon_runs_out_of_descriptors(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """accept() failing with EMFILE leaves the connection in the backlog: the port logs it, retries, and
+    the client is served once descriptors are free again (it does not stop listening for good)."""
+    caplog.set_level(logging.INFO, logger="fltfuse.port")
+    pf = PortFilter()
+    async with pf.volume(tmp_path) as vol:
+        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        with client:
+            soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+            held: list[int] = []
+            try:
+                highest = max(int(fd) for fd in os.listdir("/proc/self/fd"))
+                resource.setrlimit(resource.RLIMIT_NOFILE, (highest + 16, hard))
+                with contextlib.suppress(OSError):
+                    while True:
+                        held.append(os.open(os.devnull, os.O_RDONLY))
+                client.connect(vol.port_path(PORT))  # needs no descriptor of this process: it waits in the backlog
+                client.sendall(encode(Frame(FrameKind.CONNECT, payload=b"starved")))
+                await until(lambda: "accept" in caplog.text, "the daemon's failed accept")
+            finally:
+                for fd in held:
+                    os.close(fd)
+                resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+            assert "cannot accept a connection ([Errno 24] Too many open files); retrying" in caplog.text
+            client.settimeout(10)
+            [connected] = Decoder(FROM_DAEMON).feed(await in_thread(client.recv, 4096))
+            assert connected.kind is FrameKind.CONNECTED and connected.aux == NtStatus.SUCCESS, connected
+            assert [c.context for c in pf.connections] == [b"starved"]
+            assert "accepting connections again" in caplog.text
+
+
+# -- the wire format ----------------------------------------------------------------------------------------
+
+
+def test_the_wire_format_is_the_documented_one() -> None:
+    """The header of wire.py's docstring, byte for byte: a change to the format must change VERSION."""
+    frame = Frame(FrameKind.MESSAGE, message_id=0x0102030405060708, aux=0x0A0B0C0D, payload=b"hi", fds=(7, 8))
+    expected = (
+        b"FP"  # magic
+        + bytes([1, 5, 2, 0, 0, 0])  # version 1, kind MESSAGE, 2 descriptors, 3 reserved bytes
+        + bytes.fromhex("00000002")  # length, big-endian
+        + bytes.fromhex("0A0B0C0D")  # aux
+        + bytes.fromhex("0102030405060708")  # message id
+        + b"hi"
+    )
+    assert encode(frame) == expected and HEADER.size == 24 and VERSION == 1
+    assert {kind.name: kind.value for kind in FrameKind} == {
+        "CONNECT": 1,
+        "CONNECTED": 2,
+        "REQUEST": 3,
+        "RESPONSE": 4,
+        "MESSAGE": 5,
+        "REPLY": 6,
+    }
+    assert (MAX_PAYLOAD, MAX_CONTEXT, MAX_FDS, NO_REPLY) == (4 * 1024 * 1024, 0xFFFF, 4, 0xFFFFFFFF)
+    [decoded] = Decoder(FROM_DAEMON).feed(expected, [7, 8])
+    assert decoded == frame
+
+
+@pytest.mark.parametrize("flavour", ["threads", "trio"])
+async def test_a_client_refuses_a_daemon_speaking_another_version(tmp_path: Path, flavour: str) -> None:
+    """A daemon answering CONNECT in wire format version 2: the client library raises PortProtocolError
+    naming the version, rather than misreading the frame."""
+    path = str(tmp_path / "FakePort")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(1)
+    listener.settimeout(10)
+
+    def fake_daemon() -> bytes:
+        conn, _ = listener.accept()
+        with conn:
+            request = conn.recv(4096)
+            conn.sendall(HEADER.pack(MAGIC, 2, FrameKind.CONNECTED, 0, 0, 0, 0))
+            conn.recv(4096)  # until the client hangs up
+        return request
+
+    with listener:
+        async with trio.open_nursery() as nursery:
+            requests: list[bytes] = []
+            nursery.start_soon(outcome_of, partial(in_thread, fake_daemon), requests)
+            with pytest.raises(PortProtocolError, match="wire format version 2"):
+                if flavour == "threads":
+                    await in_thread(connect_communication_port, path, b"v1")
+                else:
+                    async with open_filter_port(path, b"v1"):
+                        pass
+    assert requests == [encode(Frame(FrameKind.CONNECT, payload=b"v1"))]

@@ -11,7 +11,7 @@ stdin:
   (FilterGetMessage, waiting up to 30 s);
 * ``reply ID TEXT`` -> ``{"replied": ID}`` (FilterReplyMessage).
 
-A failure prints ``{"error": CLASS, "status": NTSTATUS, "message": TEXT}``.
+A failure prints ``{"error": CLASS, "status": NTSTATUS, "errno": ERRNO, "message": TEXT}``.
 The end of stdin closes the port and ends the program.
 
 :class:`ClientProcess` runs it (optionally as another user) and talks to it
@@ -32,7 +32,8 @@ from typing import Any
 
 
 def _error(exc: BaseException) -> dict[str, Any]:
-    return {"error": type(exc).__name__, "status": getattr(exc, "status", None), "message": str(exc)}
+    status, code = getattr(exc, "status", None), getattr(exc, "errno", None)
+    return {"error": type(exc).__name__, "status": status, "errno": code, "message": str(exc)}
 
 
 def _run(port: Any, line: str) -> dict[str, Any]:
