@@ -259,6 +259,7 @@ def test_after_the_daemon_is_killed_the_next_daemon_creates_the_port_again(
             filters=("porttest",),
             filter_path=FILTER_PATH,
             parameters=parameters(port),
+            log_file=crashed.log_path,
         )
         assert again.pid != crashed.pid
         with ClientProcess(port, "after", volume=again.mountpoint) as client:

@@ -712,6 +712,7 @@ def test_a_bad_parameter_fails_the_mount_with_a_message_naming_it(tmp_path: Path
             "-m",
             "fltfuse",
             "mount",
+            f"--log-file={tmp_path / 'daemon.log'}",
             str(image),
             str(mountpoint),
             "--filter",
