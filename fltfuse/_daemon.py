@@ -23,6 +23,7 @@ from ._loader import LoadedFilter
 from ._manager import FilterManager
 from ._registration import InstanceSetupFlags
 from ._stack import InstanceStack
+from ._stack.loop_watchdog import LoopWatchdog
 from ._volume import Volume, make_private_dir
 
 log = logging.getLogger("fltfuse.daemon")
@@ -99,7 +100,7 @@ def run(
                     volume.mountpoint,
                     options,
                     on_ready,
-                    services=[start_filters, control.serve],
+                    services=[LoopWatchdog(options.stall_report).serve, start_filters, control.serve],
                     before_stop=manager.dismount,
                 )
             finally:

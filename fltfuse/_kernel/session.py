@@ -23,7 +23,7 @@ from .operations import KernelAdapter
 log = logging.getLogger("fltfuse.kernel")
 
 # Options fltfuse itself consumes; every other option goes to libfuse and the kernel.
-_OWN_OPTIONS = {"attr_timeout", "entry_timeout"}
+_OWN_OPTIONS = {"attr_timeout", "entry_timeout", "stall_report"}
 # Options that also apply to the backing ext4 (the kernel keeps no atime for FUSE).
 _BACKING_OPTIONS = {"noatime", "relatime", "strictatime", "nodiratime", "lazytime"}
 
@@ -35,6 +35,7 @@ class FuseOptions:
     kernel: list[str] = field(default_factory=list)
     attr_timeout: float = 60.0
     entry_timeout: float = 60.0
+    stall_report: float = 5.0  # seconds the event loop may be blocked before the loop watchdog reports it (0: off)
 
     @classmethod
     def parse(cls, specs: list[str], *, fsname: str) -> FuseOptions:

@@ -1074,3 +1074,34 @@ def test_a_slow_filter_import_does_not_stall_the_mount(volumes: Volumes) -> None
         loader.kill()
         loader.wait()
         _unload_quietly(b, "fltmctest_slowimport")
+
+
+# -- 8. a callback that blocks the event loop ---------------------------------------------------------
+
+BLOCK_SECONDS = 3  # BlockSeconds in fltmctest_blocking.inf
+
+
+def test_a_callback_that_blocks_the_event_loop_is_reported_naming_its_filter(scratch: Path) -> None:
+    """The loop watchdog (``-o stall_report=1``) logs the filter, the instance, the callback, the request and
+    where it blocks, while it blocks; and how long it blocked once the loop runs again. The volume then serves."""
+    with mounted_volume(
+        scratch, size="256M", options=("stall_report=1",), filters=("fltmctest_blocking",), filter_path=FILTER_PATH
+    ) as vol:
+        data = big_file(Path(vol.mountpoint) / "data.bin")
+        with reader(vol, Path(vol.mountpoint) / "data.bin", PEND_OFFSET) as r:
+            started = time.monotonic()
+            blocked = wait_for_log(vol, "ERROR", "has blocked the event loop", timeout=BLOCK_SECONDS + 5)
+            assert time.monotonic() - started < BLOCK_SECONDS, "reported only after the callback returned"
+            assert blocked.split(" ERROR ", 1)[1].startswith(
+                "fltfuse.watchdog: filter fltmctest_blocking (instance Blocking Instance) has blocked the event "
+                "loop for 1."
+            )
+            assert "in its callback pre_read for CallbackData(READ" in blocked
+            assert f"ReadParameters(offset={PEND_OFFSET}, length=100" in blocked and f"pid={r.pid})" in blocked
+            outcome = r.result(timeout=BLOCK_SECONDS + 10)
+            assert outcome["n"] == 100 and bytes.fromhex(outcome["data"]) == data[PEND_OFFSET : PEND_OFFSET + 100]
+        resumed = wait_for_log(vol, "WARNING", "the event loop runs again after")
+        assert BLOCK_SECONDS - 0.5 <= float(resumed.split("after ")[1].split()[0]) <= BLOCK_SECONDS + 1.5
+        assert 'time.sleep(parameters["BlockSeconds"])' in vol.log_text()  # the innermost frames
+        serves(vol, "after-the-block")
+        assert instances(vol.mountpoint) == [row(vol, "fltmctest_blocking", "370230", "Blocking Instance", "mount")]

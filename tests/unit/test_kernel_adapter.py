@@ -20,7 +20,7 @@ from fltfuse import (
     MajorFunction,
 )
 from fltfuse._backend import ROOT_INODE, PassthroughBackend
-from fltfuse._kernel import KernelAdapter
+from fltfuse._kernel import FuseOptions, KernelAdapter
 from fltfuse._stack.contexts import ContextTable
 
 
@@ -152,3 +152,17 @@ def test_kernel_caches_stay_on_unless_a_filter_asks_to_bypass_them(tmp_path: Pat
     assert (plain._entry_timeout, plain._attr_timeout) == (60, 60)
     auditing = adapter_with(OperationFlags.BYPASS_KERNEL_CACHE)
     assert (auditing._entry_timeout, auditing._attr_timeout) == (0, 60)
+
+
+def test_mount_options_split_into_fltfuses_own_and_the_kernels() -> None:
+    options = FuseOptions.parse(
+        ["ro,attr_timeout=1.5", "entry_timeout=0,stall_report=2,nofail,x-systemd.foo"], fsname="v"
+    )
+    assert (options.attr_timeout, options.entry_timeout, options.stall_report) == (1.5, 0.0, 2.0)
+    assert options.read_only
+    assert "nofail" not in options.kernel and not any(o.startswith(("x-", "stall_report")) for o in options.kernel)
+    assert {"fsname=v", "subtype=fltfuse", "default_permissions"} <= set(options.kernel)
+    defaults = FuseOptions.parse([], fsname="v")
+    assert (defaults.attr_timeout, defaults.entry_timeout, defaults.stall_report) == (60.0, 60.0, 5.0)
+    with pytest.raises(ValueError, match="mount option stall_report needs a number of seconds"):
+        FuseOptions.parse(["stall_report=soon"], fsname="v")
