@@ -324,8 +324,12 @@ class PassthroughBackend:
             os.mknod(name, p.mode | ftype, p.rdev, dir_fd=parent_fd)
         try:
             self._give_to_requestor(cbd, parent_fd, name, fd)
-            if fd is not None and p.mode & (stat.S_ISUID | stat.S_ISGID):
-                os.fchmod(fd, p.mode)  # chown cleared them
+            if p.mode & (stat.S_ISUID | stat.S_ISGID) and ftype not in (FileType.DIRECTORY, FileType.SYMLINK):
+                # chown cleared them (on any non-directory: files, fifos, mknod'ed nodes)
+                if fd is not None:
+                    os.fchmod(fd, p.mode)
+                else:
+                    os.chmod(name, p.mode, dir_fd=parent_fd)
             p.attributes = self._pin(p.parent, name)
         except BaseException:
             if fd is not None:
