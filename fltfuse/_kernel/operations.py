@@ -444,13 +444,12 @@ class KernelAdapter(pyfuse3.Operations):
         await self._call(FileObject(inode), p, _requestor(ctx))
         # The kernel may keep the names it cached while the file had one (for entry_timeout): drop
         # them, so that an open through any of them is looked up again and gets it as its opened name.
-        # The new link's directory stays locked until this request is answered: its names go after.
+        # They go after the answer: until then the kernel holds the file's lock and the new link's
+        # directory, and a process that holds another of the file's directories (an unlink or a rename
+        # there) may be waiting for the file's lock, so dropping a name before answering could deadlock.
         for parent, name in self._backend.links_of(inode):
-            if parent == new_parent_inode:
-                if name != new_name:
-                    trio.lowlevel.spawn_system_task(self._invalidate_entry, parent, name)
-            else:
-                await self._invalidate_entry(parent, name)
+            if (parent, name) != (new_parent_inode, new_name):
+                trio.lowlevel.spawn_system_task(self._invalidate_entry, parent, name)
         return self._entry(p.attributes)
 
     @_boundary
