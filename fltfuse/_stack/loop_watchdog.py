@@ -43,7 +43,8 @@ _CALL_POST = InstanceStack._call_post.__code__
 
 
 class LoopWatchdog:
-    """Start :meth:`serve` in the daemon's trio loop; it runs until the loop's nursery is cancelled."""
+    """Start :meth:`serve` in the daemon's trio loop; it runs until the loop's nursery is cancelled, and its
+    watcher thread has ended when it returns."""
 
     def __init__(self, threshold: float):
         self.threshold = threshold
@@ -67,6 +68,7 @@ class LoopWatchdog:
                 await trio.sleep(BEAT)
         finally:
             self._stop.set()
+            watcher.join(timeout=1.0)  # it wakes at once (it waits on the event): gone when serve returns
 
     def _watch(self, loop_thread: int) -> None:
         stalled_since: float | None = None  # the last beat before the stall being reported

@@ -204,6 +204,13 @@ def describe_difference(raw: Any, mnt: Any, limit: int = 4000) -> str:
     return text if len(text) <= limit else text[:limit] + "\n..."
 
 
+def diverged(run: str, step: int, replay: str, what: str, history: list[str]) -> AssertionError:
+    """The error a randomized run raises at its first difference: ``run`` ("random ops"), the step, the
+    environment that replays it, what differs, and the last 25 steps of ``history``."""
+    recent = "\n".join(f"  {i}: {h}" for i, h in enumerate(history[-25:], start=max(0, len(history) - 25)))
+    return AssertionError(f"{run} diverged at step {step} (replay: {replay}):\n{what}\nlast steps:\n{recent}")
+
+
 # -- time relations -------------------------------------------------------------
 
 

@@ -423,11 +423,7 @@ def run_sequence(pair: PairLike, mount_backing: Path, ops: int, seed: int) -> No
     history: list[str] = []
 
     def fail(step: int, what: str) -> None:
-        recent = "\n".join(f"  {i}: {h}" for i, h in enumerate(history[-25:], start=max(0, len(history) - 25)))
-        raise AssertionError(
-            f"random ops diverged at step {step} (replay: FLTFUSE_SEED={seed} FLTFUSE_RANDOM_OPS={ops}):\n"
-            f"{what}\nlast steps:\n{recent}"
-        )
+        raise differential.diverged("random ops", step, f"FLTFUSE_SEED={seed} FLTFUSE_RANDOM_OPS={ops}", what, history)
 
     def compare_trees(step: int) -> None:
         a, b = tree_state(raw), tree_state(mnt)

@@ -65,6 +65,7 @@ from .differential import (
     as_user,
     changed,
     describe_difference,
+    diverged,
     failed,
     normalize,
     outcome,
@@ -571,11 +572,8 @@ def run_sequence(pair: PairLike, mount_backing: Path, ops: int, seed: int) -> No
     history: list[str] = []
 
     def fail(step: int, what: str) -> None:
-        recent = "\n".join(f"  {i}: {h}" for i, h in enumerate(history[-25:], start=max(0, len(history) - 25)))
-        raise AssertionError(
-            f"random multi-user ops diverged at step {step} "
-            f"(replay: FLTFUSE_SEED={seed} FLTFUSE_RANDOM_USER_OPS={ops}):\n{what}\nlast steps:\n{recent}"
-        )
+        replay = f"FLTFUSE_SEED={seed} FLTFUSE_RANDOM_USER_OPS={ops}"
+        raise diverged("random multi-user ops", step, replay, what, history)
 
     def compare_trees(step: int) -> None:
         a, b = tree_state(pair.raw), tree_state(pair.mnt)
