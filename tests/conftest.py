@@ -67,10 +67,8 @@ def clean_log(volume: MountedVolume, request: pytest.FixtureRequest) -> Iterator
     """Fail the test if the daemon logged an ERROR or a traceback while it ran."""
     start = len(volume.log_text())
     yield
-    new = volume.log_text()[start:]
     if request.node.get_closest_marker("expect_daemon_errors") is None:
-        bad = [line for line in new.splitlines() if re.search(r" (ERROR|CRITICAL) |Traceback", line)]
-        assert not bad, "the daemon logged errors:\n" + "\n".join(bad)
+        volume.assert_no_errors_logged(start)
 
 
 @dataclass

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -22,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import _volume
+
+_ERROR_LINE = re.compile(r" (ERROR|CRITICAL) |Traceback")
 
 
 def why_no_mount() -> str | None:
@@ -51,6 +54,15 @@ class MountedVolume:
             return Path(self.log_path).read_text(errors="replace")
         except FileNotFoundError:
             return ""
+
+    def errors_logged(self, since: int = 0) -> list[str]:
+        """The ERROR and CRITICAL lines and traceback starts in the daemon's log after ``log_text()[since:]``."""
+        return [line for line in self.log_text()[since:].splitlines() if _ERROR_LINE.search(line)]
+
+    def assert_no_errors_logged(self, since: int = 0) -> None:
+        """Fail (AssertionError, listing them) if the daemon logged an error or a traceback after ``since``."""
+        bad = self.errors_logged(since)
+        assert not bad, "the daemon logged errors:\n" + "\n".join(bad)
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
         """Kill the daemon (as a crash would) and wait until it is gone."""

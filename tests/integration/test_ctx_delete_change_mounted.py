@@ -59,8 +59,7 @@ def workdir(request: pytest.FixtureRequest) -> Iterator[Callable[[MountedVolume]
 
     yield make
     for vol, start in made:
-        bad = [line for line in vol.log_text()[start:].splitlines() if re.search(r" (ERROR|CRITICAL) |Traceback", line)]
-        assert not bad, "the daemon logged errors:\n" + "\n".join(bad)
+        vol.assert_no_errors_logged(start)
 
 
 def sh(command: str, cwd: Path) -> subprocess.CompletedProcess[str]:

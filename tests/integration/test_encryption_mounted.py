@@ -138,10 +138,6 @@ def assert_refused(vol: MountedVolume, *args: str) -> str:
     return done.stderr
 
 
-def error_lines(vol: MountedVolume, since: int) -> list[str]:
-    return [line for line in vol.log_text()[since:].splitlines() if re.search(r" (ERROR|CRITICAL) |Traceback", line)]
-
-
 # -- the device -------------------------------------------------------------------------------------------------
 
 
@@ -190,7 +186,7 @@ def place(vol: MountedVolume, request: pytest.FixtureRequest) -> Iterator[Path]:
     directory = Path(vol.mountpoint) / re.sub(r"[^A-Za-z0-9_.-]+", "_", request.node.name)
     directory.mkdir()
     yield directory
-    assert error_lines(vol, since) == []
+    assert vol.errors_logged(since) == []
 
 
 @pytest.fixture
@@ -705,6 +701,6 @@ def test_a_record_changed_on_the_device_fails_to_read_with_eio_and_the_others_re
     with pytest.raises(OSError) as info:
         path.read_bytes()
     assert info.value.errno == errno.EIO
-    errors = error_lines(vol, since)
+    errors = vol.errors_logged(since)
     assert errors, "the daemon logged nothing"
     assert all(f"encryption: inode {inode}: block 2 failed its authentication check" in line for line in errors), errors

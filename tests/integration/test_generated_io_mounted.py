@@ -70,8 +70,7 @@ def log_since(vol: MountedVolume) -> Iterator[Callable[[], str]]:
     """The daemon's log from the start of the test; fails the test if the daemon logged an error meanwhile."""
     start = len(vol.log_text())
     yield lambda: vol.log_text()[start:]
-    bad = [line for line in vol.log_text()[start:].splitlines() if re.search(r" (ERROR|CRITICAL) |Traceback", line)]
-    assert not bad, "the daemon logged errors:\n" + "\n".join(bad)
+    vol.assert_no_errors_logged(start)
 
 
 def watched(log: str) -> list[Saw]:

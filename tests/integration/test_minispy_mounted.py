@@ -146,8 +146,7 @@ def clean_log(request: pytest.FixtureRequest) -> Iterator[None]:
     mounted: MountedVolume = request.getfixturevalue("vol")
     start = len(mounted.log_text())
     yield
-    bad = [line for line in mounted.log_text()[start:].splitlines() if re.search(r" (ERROR|CRITICAL) |Traceback", line)]
-    assert not bad, "the daemon logged errors:\n" + "\n".join(bad)
+    mounted.assert_no_errors_logged(start)
 
 
 def still_works(mountpoint: str, name: str) -> None:

@@ -84,8 +84,7 @@ def clean_log(vol: MountedVolume) -> Iterator[MountedVolume]:
     """Yield ``vol``; then fail if its daemon logged an error or a traceback meanwhile."""
     start = len(vol.log_text())
     yield vol
-    bad = [line for line in vol.log_text()[start:].splitlines() if re.search(r" (ERROR|CRITICAL) |Traceback", line)]
-    assert not bad, "the daemon logged errors:\n" + "\n".join(bad)
+    vol.assert_no_errors_logged(start)
 
 
 def fails(run: Run, *argv: str, cwd: str) -> str:

@@ -39,8 +39,7 @@ def clean_log(vol: MountedVolume) -> Iterator[None]:
     """The daemon logs no error or traceback during the test."""
     start = len(vol.log_text())
     yield
-    bad = [line for line in vol.log_text()[start:].splitlines() if re.search(r" (ERROR|CRITICAL) |Traceback", line)]
-    assert not bad, "the daemon logged errors:\n" + "\n".join(bad)
+    vol.assert_no_errors_logged(start)
 
 
 @pytest.fixture

@@ -67,13 +67,8 @@ def clean_log(vol: MountedVolume, allow_vol: MountedVolume) -> Iterator[None]:
     """The daemons log no error or traceback during the test."""
     starts = [(mounted, len(mounted.log_text())) for mounted in (vol, allow_vol)]
     yield
-    bad = [
-        line
-        for mounted, start in starts
-        for line in mounted.log_text()[start:].splitlines()
-        if re.search(r" (ERROR|CRITICAL) |Traceback", line)
-    ]
-    assert not bad, "the daemon logged errors:\n" + "\n".join(bad)
+    bad = [line for mounted, start in starts for line in mounted.errors_logged(start)]
+    assert not bad, "the daemons logged errors:\n" + "\n".join(bad)
 
 
 def connected(vol: MountedVolume, service: Service) -> bool:
