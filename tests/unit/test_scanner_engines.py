@@ -15,7 +15,7 @@ import zipfile
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import pytest
 
@@ -274,30 +274,46 @@ def test_clamd_fingerprint_is_stable_while_nothing_changes(clamd: Clamd, clamav:
 
 
 def test_a_database_change_is_in_effect_when_the_fingerprint_changes(tmp_path: Path) -> None:
-    # 300,000 more signatures make each load take a while (about 1.2 s here; with 100,000 a loaded CI machine
-    # once missed the window): clamd (ConcurrentDatabaseReload yes, its default) answers PING and scans with
-    # the old database meanwhile, so only the probe tells it is done.
+    # 100,000 more signatures make each load take a while (about 0.4 s here): clamd (ConcurrentDatabaseReload
+    # yes, its default) answers RELOADING, PING and scans with the old database meanwhile, so only the probe
+    # tells it is done.
     bulk = random.Random(7)
-    signatures = {f"Bulk-{i}": bulk.randbytes(12) for i in range(300_000)}
+    signatures = {f"Bulk-{i}": bulk.randbytes(12) for i in range(100_000)}
+
+    class HeldEngine(ClamdEngine):
+        """Holds the reloading caller's probe scans until ``go_on`` is set, so that what other callers see
+        during a reload is tested at a moment the test chooses, not one clamd's load time happens to allow."""
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.reloading, self.go_on = threading.Event(), threading.Event()
+
+        def scan_bytes(self, data: bytes) -> Verdict:
+            if data.startswith(b"fltfuse-reload-probe-"):
+                self.reloading.set()
+                assert self.go_on.wait(30)
+            return super().scan_bytes(data)
+
     with running_clamd(tmp_path / "clamd", signatures=signatures) as clamd:
-        engine = ClamdEngine(clamd.socket, database=clamd.database, timeout=10)
+        engine = HeldEngine(clamd.socket, database=clamd.database, timeout=10)
+        engine.go_on.set()  # the first reload (confirming the database clamd started with) is not held
         before = engine.fingerprint()
         assert engine.scan_bytes(b"a new-virus-body here") == Verdict(False, None, "clamav")
 
         name = clamd.add_signature("New-Virus", b"new-virus-body")
-        reloader = ThreadPoolExecutor(1)
-        after = reloader.submit(engine.fingerprint)
-        probe = clamd.database / ClamdEngine.PROBE_FILE
-        probe_text = probe.read_text()
-        while probe.read_text() == probe_text and not after.done():
-            time.sleep(0.001)
-        # another caller meanwhile: the database clamd still scans with, at once
-        assert not after.done()
-        assert engine.fingerprint() == before
-        assert after.result(timeout=30) != before
+        engine.go_on.clear()
+        engine.reloading.clear()
+        with ThreadPoolExecutor(1) as reloader:
+            after = reloader.submit(engine.fingerprint)
+            assert engine.reloading.wait(30)
+            # another caller meanwhile: the database clamd still scans with, at once
+            assert engine.fingerprint() == before
+            assert not after.done()
+            engine.go_on.set()
+            assert after.result(timeout=30) != before
+        # the reloading caller returned only once clamd scans with the new database, not at RELOADING
         assert engine.scan_bytes(b"a new-virus-body here") == Verdict(True, name, "clamav")
         assert engine.fingerprint() == after.result()
-        reloader.shutdown()
 
         # a database clamd cannot load: it keeps the old one, and the engine says so instead of pretending
         with open(clamd.database / "added.ndb", "a") as f:
