@@ -162,6 +162,7 @@ _ERRNO_TO_STATUS: dict[int, NtStatus] = {
     _errno.ECONNRESET: NtStatus.PORT_DISCONNECTED,
     _errno.ECONNREFUSED: NtStatus.CONNECTION_REFUSED,
     _errno.ENOLCK: NtStatus.RANGE_NOT_LOCKED,
+    _errno.EDEADLK: NtStatus.POSSIBLE_DEADLOCK,
 }
 _STATUS_TO_ERRNO: dict[int, int] = {status: code for code, status in _ERRNO_TO_STATUS.items()}
 assert len(_STATUS_TO_ERRNO) == len(_ERRNO_TO_STATUS), "status table is not one-to-one"

@@ -10,8 +10,11 @@ Design and operation
 * ``filter_load`` creates the port ``ScannerPort`` (one connection, root
   only, as the sample's default security descriptor). ``fltfuse-scanner``
   connects; its process is the *service*: requests whose caller belongs to it
-  are never scanned (the sample compares the requesting process too), so the
-  service can never deadlock on its own I/O.
+  (``port.client_of(cbd.requestor)``, any of its threads) are never scanned
+  (the sample compares the requesting process too), so the service can never
+  deadlock on its own I/O. Were one sent to it anyway, the port's deadlock
+  detector would refuse that send at once (PortDeadlockError) rather than
+  hold the service's I/O for the scan timeout.
 * **Open** (post-CREATE of a regular file opened for reading, whose name has a
   configured extension; ``*``, the default, means every file): the file's
   data is read below the scanner (``read_file``, so a lower filter such as
@@ -57,7 +60,6 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
@@ -104,7 +106,6 @@ from fltfuse import (
     release_context,
     send_message,
 )
-from fltfuse._process import service_threads
 
 from . import protocol
 from .protocol import ProtocolError, ScanResult
@@ -137,9 +138,6 @@ class ScannerData:
     fingerprint: str = ""
     verdicts: OrderedDict[int, _Verdict] = field(default_factory=OrderedDict)
     stats: Counter[str] = field(default_factory=Counter)
-    _tids: frozenset[int] = frozenset()
-    _tids_of: int = 0
-    _tids_read: float = 0.0
 
     def wants(self, name: str) -> bool:
         if self.extensions is None:
@@ -148,17 +146,7 @@ class ScannerData:
         return "." in final and final.rsplit(".", 1)[1].lower() in self.extensions
 
     def from_service(self, requestor: Requestor) -> bool:
-        client = self.client
-        if client is None or not requestor.pid:
-            return False
-        if requestor.pid == client.pid:
-            return True
-        # FUSE names the calling thread: a thread of the service's process? (one /proc read per second at most)
-        now = time.monotonic()
-        if now - self._tids_read > 1.0 or self._tids_of != client.pid:
-            self._tids = service_threads(client.pid)
-            self._tids_of, self._tids_read = client.pid, now
-        return requestor.pid in self._tids
+        return self.port is not None and self.port.client_of(requestor) is not None
 
     def cached(self, ino: int, attributes: FileAttributes) -> _Verdict | None:
         verdict = self.verdicts.get(ino)

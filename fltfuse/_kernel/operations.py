@@ -93,6 +93,7 @@ from .._callback_data import (
     SetEaParameters,
     WriteParameters,
 )
+from .._port.deadlocks import requesting_thread
 from .._stack import InstanceStack
 from .._status import errno_from_status
 
@@ -181,12 +182,16 @@ class KernelAdapter(pyfuse3.Operations):
 
     async def _call(self, target: FileObject, params: Parameters, requestor: Requestor) -> CallbackData:
         cbd = CallbackData(target, params, requestor)
-        if params.MAJOR is MajorFunction.CREATE:
-            target.creating = True  # until the file system has made or opened the object
-            await self._stack.dispatch(cbd)
-            target.creating = False
-        else:
-            await self._stack.dispatch(cbd)
+        waiting = requesting_thread.set(requestor.pid)  # the caller's thread waits for the answer: see deadlocks
+        try:
+            if params.MAJOR is MajorFunction.CREATE:
+                target.creating = True  # until the file system has made or opened the object
+                await self._stack.dispatch(cbd)
+                target.creating = False
+            else:
+                await self._stack.dispatch(cbd)
+        finally:
+            requesting_thread.reset(waiting)
         status = cbd.io_status.status
         if status:
             code = errno_from_status(status)

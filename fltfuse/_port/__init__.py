@@ -17,6 +17,7 @@ from .server import (
 )
 from .wire import (
     PortBufferOverflowError,
+    PortDeadlockError,
     PortDisconnectedError,
     PortError,
     PortNotFoundError,
@@ -31,6 +32,7 @@ __all__ = [
     "ClientPort",
     "CommunicationPort",
     "PortBufferOverflowError",
+    "PortDeadlockError",
     "PortDisconnectedError",
     "PortError",
     "PortNotFoundError",

@@ -51,14 +51,16 @@ import socket
 import stat
 import struct
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
-from .._process import groups_of
+from .._process import groups_of, is_thread_of
 from .._status import NtStatus
+from .deadlocks import waiting_on
 from .wire import (
     ANCILLARY_SIZE,
     FROM_CLIENT,
@@ -78,6 +80,9 @@ from .wire import (
     encode,
     port_name,
 )
+
+if TYPE_CHECKING:
+    from .._callback_data import Requestor
 
 log = logging.getLogger("fltfuse.port")
 
@@ -162,6 +167,19 @@ class CommunicationPort:
 
     def __repr__(self) -> str:
         return f"<CommunicationPort {self.name} of {self.filter.name}: {len(self.clients)} client(s)>"
+
+    def client_of(self, requestor: Requestor) -> ClientPort | None:
+        """The connected client whose process made a request (``cbd.requestor``), or None.
+
+        How a filter recognises its own service's I/O, which it must not send
+        back to that service (a scanner's service reading the file it was
+        asked about). Exact for any thread of the client's process, even one
+        started a moment ago: one stat of /proc per connected client.
+        """
+        for client in self.clients:
+            if client.connected and (requestor.pid == client.pid or is_thread_of(requestor.pid, client.pid)):
+                return client
+        return None
 
 
 class ClientPort:
@@ -345,6 +363,7 @@ async def send_message(
     reply_capacity: int | None = DEFAULT_REPLY_CAPACITY,
     timeout: float = DEFAULT_SEND_TIMEOUT,
     fds: tuple[int, ...] = (),
+    deadlock_check: bool = True,
 ) -> bytes | None:
     """FltSendMessage: send ``data`` (and descriptors ``fds``, duplicated for the client) and wait for the reply.
 
@@ -356,11 +375,25 @@ async def send_message(
     :class:`PortBufferOverflowError` for a longer reply, and
     :class:`PortError` with the client's status when it replied with an error.
     A timed-out message's late reply is dropped.
+
+    Sent while a kernel request is handled, a message that waits for a reply
+    raises :class:`PortDeadlockError` at once when the client's process made
+    that request or waits on its process (see :mod:`.deadlocks`), unless
+    ``deadlock_check`` is False (for a client that answers from another
+    thread than the ones doing its I/O).
     """
     if client is None or not client.connected:
         raise PortDisconnectedError("the client port is not connected")
     if reply_capacity is not None:
         check_reply_capacity(reply_capacity)
+    waits = waiting_on(client.pid, client.port.name) if deadlock_check and reply_capacity is not None else nullcontext()
+    with waits:
+        return await _send_message(client, data, reply_capacity, timeout, fds)
+
+
+async def _send_message(
+    client: ClientPort, data: bytes, reply_capacity: int | None, timeout: float, fds: tuple[int, ...]
+) -> bytes | None:
     message_id = next(client._ids)
     waiter = None
     if reply_capacity is not None:

@@ -113,6 +113,13 @@ class PortTimeoutError(PortError, TimeoutError):
     own_errno = errno.ETIMEDOUT
 
 
+class PortDeadlockError(PortError):
+    """A send refused because its reply could wait on the request it is made for (STATUS_POSSIBLE_DEADLOCK,
+    EDEADLK): the client's process is the one the request came from, or is itself waiting on that process."""
+
+    status = 0xC0000194
+
+
 class PortRefusedError(PortError, ConnectionRefusedError):
     """The connection was refused: the filter's connect callback said no, or too many clients, or access."""
 

@@ -13,6 +13,7 @@ the routine and the request, which then fails with FLT_INTERNAL_ERROR (EIO).
 
 from __future__ import annotations
 
+import contextvars
 import inspect
 import logging
 from collections.abc import Callable
@@ -88,7 +89,9 @@ def _start(
         trio.lowlevel.current_trio_token()
     except RuntimeError:
         raise RuntimeError("work items are queued from a callback, in the daemon's trio thread") from None
-    trio.lowlevel.spawn_system_task(_run, routine, args, cbd, done, name=f"work item {_name(routine)}")
+    # a work item for a request works for its caller, still waiting (the port's deadlock detector sees it so)
+    context = contextvars.copy_context() if cbd is not None else None
+    trio.lowlevel.spawn_system_task(_run, routine, args, cbd, done, name=f"work item {_name(routine)}", context=context)
 
 
 async def _run(

@@ -21,6 +21,7 @@ import socket
 import stat
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -265,3 +266,58 @@ def test_after_the_daemon_is_killed_the_next_daemon_creates_the_port_again(
             assert client.first == {"connected": client.pid}
             assert client.command("send again") == {"answer": "echo:again"}
         wait_for(lambda: f"porttest: disconnected pid {client.pid}" in again.log_text(), "its disconnect callback")
+
+
+# -- the deadlock detector (section 3: a service deadlocking on its own opens) ---------------------------------
+# porttest asks client PID before a lookup of a name ask-PID-...; a client's one thread in open(2) cannot answer.
+
+
+def command_name(pid: int) -> str:
+    return Path(f"/proc/{pid}/comm").read_text().strip()
+
+
+def test_a_client_whose_own_lookup_would_wait_on_it_gets_edeadlk_at_once(
+    vol: MountedVolume, wait_for: Callable[..., Any]
+) -> None:
+    with ClientProcess(PORT, "self", volume=vol.mountpoint) as client:
+        start = time.monotonic()
+        outcome = client.command(f"open {vol.mountpoint}/ask-{client.pid}-mine")
+        assert time.monotonic() - start < 5, "refused at once, not after the filter's 60 s send timeout"
+        assert outcome["error"] == "OSError" and outcome["errno"] == errno.EDEADLK, outcome
+        me = f"pid {client.pid} ({command_name(client.pid)})"
+        waits = f"thread {client.pid} of {me} waits in a request on port client {me}"
+        wait_for(lambda: f"port {PORT}: possible deadlock, send refused: {waits}" in vol.log_text(), "the log line")
+        assert client.command("send after") == {"answer": "echo:after"}  # the client and the mount serve on
+
+
+def test_a_cycle_between_two_clients_is_refused_and_the_waits_before_it_complete(
+    vol: MountedVolume, wait_for: Callable[..., Any]
+) -> None:
+    mountpoint = vol.mountpoint
+    with ClientProcess(PORT, "a", volume=mountpoint) as a, ClientProcess(PORT, "b", volume=mountpoint) as b:
+        # each looks up in a directory of its own: the kernel holds a directory's other lookups while one waits
+        # (pyfuse3's libfuse does not ask for FUSE_PARALLEL_DIROPS), a wait the detector cannot see
+        a_dir, b_dir = (Path(mountpoint) / f"lookups-of-{c.pid}" for c in (a, b))
+        a_dir.mkdir()
+        b_dir.mkdir()
+        a.write(f"open {a_dir}/ask-{b.pid}-from-a")  # A's thread waits in the lookup on B
+        message = b.command("get")["message"]
+        assert message["data"] == f"lookup ask-{b.pid}-from-a", message
+        start = time.monotonic()
+        outcome = b.command(f"open {b_dir}/ask-{a.pid}-from-b")  # B's lookup would wait on A: a cycle
+        assert time.monotonic() - start < 5
+        assert outcome["error"] == "OSError" and outcome["errno"] == errno.EDEADLK, outcome
+        log = vol.log_text()
+        a_is, b_is = (f"pid {c.pid} ({command_name(c.pid)})" for c in (a, b))
+        assert f"thread {b.pid} of {b_is} waits in a request on port client {a_is}; " in log
+        assert f"thread {a.pid} of {a_is} waits in a request on port client {b_is}" in log
+        assert b.command(f"reply {message['id']} go on") == {"replied": message["id"]}
+        outcome = a.read()  # A's lookup went on (and found no such file)
+        assert outcome["error"] == "FileNotFoundError" and outcome["errno"] == errno.ENOENT, outcome
+        # A waits no more: B's lookup may wait on A now, and A answers it
+        b.write(f"open {b_dir}/ask-{a.pid}-again")
+        message = a.command("get")["message"]
+        assert message["data"] == f"lookup ask-{a.pid}-again", message
+        assert a.command(f"reply {message['id']} go on") == {"replied": message["id"]}
+        outcome = b.read()
+        assert outcome["error"] == "FileNotFoundError" and outcome["errno"] == errno.ENOENT, outcome

@@ -20,9 +20,10 @@ import os
 import resource
 import socket
 import stat
+import subprocess
 import threading
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -39,17 +40,20 @@ from fltfuse import (
     FilterUnloadFlags,
     NtStatus,
     PortBufferOverflowError,
+    PortDeadlockError,
     PortDisconnectedError,
     PortError,
     PortRefusedError,
     PortSecurity,
     PortTimeoutError,
+    Requestor,
     close_client_port,
     close_communication_port,
     create_communication_port,
     send_message,
 )
-from fltfuse._port import server
+from fltfuse._port import deadlocks, server
+from fltfuse._port.deadlocks import requesting_thread
 from fltfuse._port.wire import (
     FROM_DAEMON,
     HEADER,
@@ -807,6 +811,158 @@ async def test_a_killed_client_is_disconnected_within_a_second_and_its_pending_s
         assert connection.disconnected_at is not None and connection.disconnected_at - killed < 1.0
         with pytest.raises(PortDisconnectedError):
             await send_message(connection.client, b"later", timeout=10)
+
+
+# -- the service's own I/O and the deadlock detector (section 3: a service deadlocking on its own opens) ------
+
+
+def request_of(tid: int) -> Requestor:
+    return Requestor(tid, 0, 0, 0o022)
+
+
+@contextlib.contextmanager
+def handling_request_of(tid: int) -> Iterator[None]:
+    """Run the block as the kernel adapter runs a request of thread ``tid`` (whose caller waits for it)."""
+    token = requesting_thread.set(tid)
+    try:
+        yield
+    finally:
+        requesting_thread.reset(token)
+
+
+async def test_client_of_recognises_any_thread_of_a_clients_process_even_a_new_one(tmp_path: Path) -> None:
+    pf = PortFilter()
+    async with pf.volume(tmp_path) as vol:
+        assert pf.port is not None
+        assert pf.port.client_of(request_of(os.getpid())) is None  # no client yet
+        with await connect(vol):  # this process is the client
+            [connection] = pf.connections
+            started, done = threading.Event(), threading.Event()
+            tids: list[int] = []
+
+            def worker() -> None:
+                tids.append(threading.get_native_id())
+                started.set()
+                done.wait(10)
+
+            thread = threading.Thread(target=worker)
+            thread.start()
+            try:
+                started.wait(10)
+                # asked at once: a thread the client started a moment ago is the client's too
+                assert tids[0] != os.getpid()
+                assert pf.port.client_of(request_of(tids[0])) is connection.client
+                assert pf.port.client_of(request_of(os.getpid())) is connection.client
+            finally:
+                done.set()
+                thread.join()
+            other = subprocess.Popen(["sleep", "30"])
+            try:
+                assert pf.port.client_of(request_of(other.pid)) is None
+            finally:
+                other.kill()
+                other.wait()
+            assert pf.port.client_of(request_of(0)) is None  # the kernel's own requests (forget) have no process
+        await until(lambda: pf.disconnected, "the disconnect")
+        assert pf.port.client_of(request_of(os.getpid())) is None  # a client that left is nobody's service
+
+
+async def test_a_send_for_a_request_of_the_clients_own_process_is_refused_at_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    pf = PortFilter()
+    async with pf.volume(tmp_path) as vol:
+        with await connect(vol) as port:  # this process is the client
+            client = pf.connections[0].client
+            waiting_thread = threading.get_native_id()  # a thread of the client, blocked in the request
+            start = trio.current_time()
+            with handling_request_of(waiting_thread), pytest.raises(PortDeadlockError) as refused:
+                await send_message(client, b"scan it", timeout=30)
+            assert trio.current_time() - start < 1  # at once, not after the send's 30 s
+            error = refused.value
+            assert error.status == NtStatus.POSSIBLE_DEADLOCK and error.errno == errno.EDEADLK
+            assert f"port {PORT}: possible deadlock" in str(error)
+            assert f"thread {waiting_thread} of pid {os.getpid()}" in str(error)
+            assert f"port client pid {os.getpid()}" in str(error)
+            assert str(error) in caplog.text  # logged for whoever reads the daemon's log
+            with pytest.raises(PortTimeoutError):  # nothing was sent
+                await in_thread(port.get_message, timeout=0.2)
+            # a filter whose service answers from other threads than its I/O's says so, and the send goes out
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(in_thread, answer_one, port)
+                with handling_request_of(waiting_thread):
+                    reply = await send_message(client, b"scan it", timeout=10, deadlock_check=False)
+            assert reply == b"re:scan it"
+            # a send made for no request (a work item, filter_load...) or that waits for no reply is not checked
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(in_thread, answer_one, port)
+                assert await send_message(client, b"unasked", timeout=10) == b"re:unasked"
+            with handling_request_of(waiting_thread):
+                assert await send_message(client, b"notice", reply_capacity=None, timeout=10) is None
+            assert (await in_thread(port.get_message, timeout=10)).data == b"notice"
+
+
+async def test_a_send_that_would_close_a_cycle_through_other_clients_is_refused(tmp_path: Path) -> None:
+    # clients A and B in processes of their own; a request of A's (single) thread waits on B. B's request that
+    # waits on A closes the cycle: refused. A third process's request that waits on A is an ordinary wait.
+    pf = PortFilter()
+    async with pf.volume(tmp_path) as vol:
+        a = await in_thread(ClientProcess, vol.port_path(PORT), "a")
+        b = await in_thread(ClientProcess, vol.port_path(PORT), "b")
+        bystander = subprocess.Popen(["sleep", "60"])
+        try:
+            to_a, to_b = (next(c.client for c in pf.connections if c.context == x) for x in (b"a", b"b"))
+            sent: list[Any] = []
+
+            async def a_waits_on_b() -> bytes | None:
+                with handling_request_of(a.pid):
+                    return await send_message(to_b, b"for a", timeout=30)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(outcome_of, a_waits_on_b, sent)
+                message = (await in_thread(b.command, "get"))["message"]  # B has A's message, not yet answered
+                assert message["data"] == "for a"
+                with handling_request_of(b.pid), pytest.raises(PortDeadlockError) as refused:
+                    await send_message(to_a, b"for b", timeout=30)
+                assert f"thread {b.pid} of pid {b.pid}" in str(refused.value)
+                assert f"thread {a.pid} of pid {a.pid}" in str(refused.value)
+                assert f"port client pid {b.pid}" in str(refused.value)
+
+                async def bystander_waits_on_a() -> bytes | None:
+                    with handling_request_of(bystander.pid):
+                        return await send_message(to_a, b"for the bystander", timeout=30)
+
+                nursery.start_soon(outcome_of, bystander_waits_on_a, sent)
+                got = (await in_thread(a.command, "get"))["message"]
+                assert got["data"] == "for the bystander"
+                assert await in_thread(a.command, f"reply {got['id']} fine") == {"replied": got["id"]}
+                assert await in_thread(b.command, f"reply {message['id']} done") == {"replied": message["id"]}
+            assert sorted(sent) == [b"done", b"fine"]
+
+            # the wait ended with its reply: B's request may now wait on A
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(outcome_of, a_waits_on_b, sent)  # and A's on B again, meanwhile
+
+                async def b_waits_on_a() -> bytes | None:
+                    with handling_request_of(b.pid):
+                        return await send_message(to_a, b"for b", timeout=30)
+
+                await until(lambda: deadlocks._waits, "A's wait on B")
+                with pytest.raises(PortDeadlockError):
+                    await b_waits_on_a()
+                got = (await in_thread(b.command, "get"))["message"]
+                await in_thread(b.command, f"reply {got['id']} again")
+            assert sent[-1] == b"again" and deadlocks._waits == []
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(outcome_of, b_waits_on_a, sent)
+                got = (await in_thread(a.command, "get"))["message"]
+                await in_thread(a.command, f"reply {got['id']} unblocked")
+            assert sent[-1] == b"unblocked"
+        finally:
+            bystander.kill()
+            bystander.wait()
+            await in_thread(a.close)
+            await in_thread(b.close)
 
 
 async def test_unloading_the_filter_disconnects_every_client(tmp_path: Path) -> None:

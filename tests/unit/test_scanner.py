@@ -15,19 +15,17 @@ import os
 import random
 import signal
 import socket
-import subprocess
 import threading
 from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
-from types import SimpleNamespace
-from typing import Any, cast
+from typing import Any
 
 import pytest
 import trio
 
 from filters.scanner import ScannerData, protocol
 from filters.scanner.engines import PatternEngine, eicar
-from fltfuse import ClientPort, FileInformationClass, FileObject, Requestor, SetAttributesParameters
+from fltfuse import FileInformationClass, FileObject, Requestor, SetAttributesParameters
 from fltfuse._callback_data import CallbackData
 from fltfuse._port.wire import Frame, FrameKind, encode
 from fltfuse._stack import StackError
@@ -383,41 +381,6 @@ async def test_a_file_name_that_is_not_utf8_is_scanned_and_its_verdict_logged(be
         await vol.read_file(name)
     assert service.verdicts() == ["INFECTED open /caf\\udce9-\\udcff.txt: EICAR-Test-File"]
     assert "Logging error" not in service.log.with_suffix(".out").read_text()
-
-
-def test_the_service_is_recognised_by_its_process_and_any_of_its_threads() -> None:
-    data = ScannerData(None, False, 1.0, True, "")
-
-    def requestor(pid: int) -> Requestor:
-        return Requestor(pid, 0, 0, 0o022)
-
-    assert not data.from_service(requestor(os.getpid()))  # no service connected
-    data.client = cast(ClientPort, SimpleNamespace(pid=os.getpid()))  # this process is the service
-    ready, done = threading.Event(), threading.Event()
-    live: list[int] = []
-
-    def worker() -> None:  # a thread of the service: a request of it carries the thread's id
-        live.append(threading.get_native_id())
-        ready.set()
-        done.wait()
-
-    thread = threading.Thread(target=worker)
-    thread.start()
-    try:
-        ready.wait()
-        assert live[0] != os.getpid()
-        assert data.from_service(requestor(os.getpid()))
-        assert data.from_service(requestor(live[0]))
-    finally:
-        done.set()
-        thread.join()
-    other = subprocess.Popen(["sleep", "30"])
-    try:
-        assert not data.from_service(requestor(other.pid))
-    finally:
-        other.kill()
-        other.wait()
-    assert not data.from_service(requestor(0))  # a request the kernel makes on no process's behalf
 
 
 async def test_the_service_process_own_requests_are_never_scanned(bench: Bench) -> None:

@@ -21,6 +21,7 @@ from fltfuse import (
     queue_generic_work_item,
 )
 from fltfuse._backend import ROOT_INODE
+from fltfuse._port.deadlocks import requesting_thread
 from fltfuse._registration import (
     FilterRegistration,
     OperationRegistration,
@@ -135,6 +136,38 @@ async def test_a_generic_work_item_runs_off_the_request_path() -> None:
     with trio.fail_after(5):
         await ran.wait()
     assert where == [False]
+
+
+async def test_a_deferred_work_item_works_for_its_requests_caller_and_a_generic_one_for_nobody(
+    driver: Driver,
+) -> None:
+    # the port's deadlock detector knows whose caller waits on a send by the request the task works for
+    seen: dict[str, int] = {}
+    generic_ran = trio.Event()
+
+    async def deferred(cbd: CallbackData, objects: Any, context: Any) -> None:
+        seen["deferred"] = requesting_thread.get()
+        complete_pended_preoperation(cbd, PreopCallbackStatus.SUCCESS_NO_CALLBACK)
+
+    async def generic(objects: Any, context: Any) -> None:
+        seen["generic"] = requesting_thread.get()
+        generic_ran.set()
+
+    def pre(cbd: CallbackData, objects: Any) -> PreopCallbackStatus:
+        queue_generic_work_item(objects, generic)
+        queue_deferred_io_work_item(cbd, objects, deferred)
+        return PreopCallbackStatus.PENDING
+
+    one_filter(driver, pre)
+    token = requesting_thread.set(4242)  # as the kernel adapter does for a request of thread 4242
+    try:
+        with trio.fail_after(5):
+            cbd = await driver.send(LookupParameters(ROOT_INODE, b"x"))
+            await generic_ran.wait()
+    finally:
+        requesting_thread.reset(token)
+    assert cbd.io_status.status is NtStatus.SUCCESS
+    assert seen == {"deferred": 4242, "generic": 0}
 
 
 def test_work_items_are_queued_from_the_daemons_trio_thread() -> None:

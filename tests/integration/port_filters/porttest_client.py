@@ -9,7 +9,9 @@ stdin:
 * ``send TEXT`` -> ``{"answer": TEXT}`` (FilterSendMessage);
 * ``get`` -> ``{"message": {"id": N, "data": TEXT, "capacity": N or null}}``
   (FilterGetMessage, waiting up to 30 s);
-* ``reply ID TEXT`` -> ``{"replied": ID}`` (FilterReplyMessage).
+* ``reply ID TEXT`` -> ``{"replied": ID}`` (FilterReplyMessage);
+* ``open PATH`` -> ``{"opened": PATH}``: opens and closes the file, in the
+  program's one thread (which meanwhile reads no message).
 
 A failure prints ``{"error": CLASS, "status": NTSTATUS, "errno": ERRNO, "message": TEXT}``.
 The end of stdin closes the port and ends the program.
@@ -49,6 +51,12 @@ def _run(port: Any, line: str) -> dict[str, Any]:
         message_id, _, text = rest.partition(" ")
         port.reply_message(int(message_id), text.encode())
         return {"replied": int(message_id)}
+    if verb == "open":
+        try:
+            os.close(os.open(rest, os.O_RDONLY))
+        except OSError as exc:
+            return _error(exc)
+        return {"opened": rest}
     return {"error": "usage", "status": None, "message": f"unknown command {line!r}"}
 
 

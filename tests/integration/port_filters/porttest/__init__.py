@@ -11,6 +11,12 @@ must. The port:
 * logs each connect and disconnect in the daemon's log as
   ``porttest: connected pid N context C`` and ``porttest: disconnected pid N``,
   which the tests read.
+
+Its one operation asks a client before a name is looked up: a LOOKUP of a
+name ``ask-PID-...`` first sends ``lookup NAME`` to the connected client of
+process PID and waits for its reply (any reply lets the lookup go on); a
+send refused as a possible deadlock fails the lookup with that status
+(EDEADLK), as a filter with a fail-closed policy would. Other names pass.
 """
 
 from __future__ import annotations
@@ -19,15 +25,22 @@ import logging
 from typing import Any
 
 from fltfuse import (
+    CallbackData,
     ClientPort,
     CommunicationPort,
     Filter,
     FilterRegistration,
     FilterUnloadFlags,
+    MajorFunction,
+    OperationRegistration,
+    PortDeadlockError,
     PortRefusedError,
     PortSecurity,
+    PreopCallbackStatus,
+    RelatedObjects,
     close_communication_port,
     create_communication_port,
+    send_message,
 )
 
 log = logging.getLogger("porttest")
@@ -74,4 +87,23 @@ def message_notify(client: ClientPort, data: bytes, reply_capacity: int) -> byte
     return b"echo:" + data
 
 
-REGISTRATION = FilterRegistration(filter_load=filter_load, filter_unload=filter_unload)
+async def pre_lookup(cbd: CallbackData, objects: RelatedObjects) -> PreopCallbackStatus:
+    name = cbd.iopb.parameters.name
+    if not name.startswith(b"ask-") or _port is None:
+        return PreopCallbackStatus.SUCCESS_NO_CALLBACK
+    pid = int(name.split(b"-")[1])
+    client = next((client for client in _port.clients if client.pid == pid), None)
+    if client is not None:
+        try:
+            await send_message(client, b"lookup " + name, timeout=60)
+        except PortDeadlockError as refused:
+            cbd.io_status.status = refused.status
+            return PreopCallbackStatus.COMPLETE
+    return PreopCallbackStatus.SUCCESS_NO_CALLBACK
+
+
+REGISTRATION = FilterRegistration(
+    filter_load=filter_load,
+    filter_unload=filter_unload,
+    operations=(OperationRegistration(MajorFunction.LOOKUP, pre_lookup),),
+)
