@@ -83,6 +83,9 @@ __all__ = [
 ]
 
 DEFAULT_REPLY_CAPACITY = 64 * 1024
+MAX_WAITING_MESSAGES = 1024
+"""Messages from the filter no get_message has taken yet that a port holds; one more disconnects it with
+PortProtocolError (a service that stopped getting), so that a client's memory is bounded."""
 _SUCCESS = 0
 
 
@@ -156,8 +159,9 @@ def _refusal(frame: Frame, path: Path) -> PortError | None:
 
 
 @contextmanager
-def _reading(path: Path, fail: Callable[[PortError], None]) -> Iterator[None]:
-    """Around a reader loop: however it ends, ``fail`` gets the error every waiting call will raise."""
+def _reading(path: Path, sock: Any, fail: Callable[[PortError], None]) -> Iterator[None]:
+    """Around a reader loop: however it ends, ``fail`` gets the error every waiting call will raise, and
+    ``sock`` is shut down, so that the daemon disconnects this client at once (its disconnect callback runs)."""
     error: PortError = PortDisconnectedError(f"port {path.name}: the daemon closed the connection")
     try:
         yield
@@ -167,6 +171,15 @@ def _reading(path: Path, fail: Callable[[PortError], None]) -> Iterator[None]:
         error = PortDisconnectedError(f"port {path.name}: {exc}")
     finally:
         fail(error)
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+
+
+def _too_many(path: Path, message: PortMessage) -> PortProtocolError:
+    message.close()
+    return PortProtocolError(
+        f"port {path.name}: more than {MAX_WAITING_MESSAGES} messages waiting for get_message: disconnected"
+    )
 
 
 def _check_capacity(frame: Frame, capacity: int) -> bytes:
@@ -319,7 +332,7 @@ class FilterPort(_Connection):
 
     def _read(self) -> None:
         try:
-            with _reading(self.path, self._fail):
+            with _reading(self.path, self._sock, self._fail):
                 while (
                     frames := self._decoder.received(*self._sock.recvmsg(RECEIVE_SIZE, ANCILLARY_SIZE)[:3])
                 ) is not None:
@@ -335,7 +348,10 @@ class FilterPort(_Connection):
                     self._answers[frame.message_id] = frame
             elif frame.kind is FrameKind.MESSAGE:
                 capacity = None if frame.aux == NO_REPLY else frame.aux
-                self._messages.append(PortMessage(frame.message_id, frame.payload, capacity, list(frame.fds)))
+                message = PortMessage(frame.message_id, frame.payload, capacity, list(frame.fds))
+                if len(self._messages) >= MAX_WAITING_MESSAGES:
+                    raise _too_many(self.path, message)
+                self._messages.append(message)
             else:
                 raise PortProtocolError(f"a {frame.kind.name} frame after the connection was made")
             self._state.notify_all()
@@ -404,7 +420,7 @@ class AsyncFilterPort(_Connection):
         self._send_lock = trio.Lock()
         self._ids = itertools.count(1)
         self._answers: dict[int, tuple[trio.Event, list[Frame]]] = {}
-        self._incoming, self._messages = trio.open_memory_channel[PortMessage](1024)
+        self._incoming, self._messages = trio.open_memory_channel[PortMessage](MAX_WAITING_MESSAGES)
 
     async def send_message(self, data: bytes, *, reply_capacity: int = DEFAULT_REPLY_CAPACITY) -> bytes:
         """FilterSendMessage (bound it with trio's cancel scopes, e.g. ``trio.fail_after``)."""
@@ -454,7 +470,7 @@ class AsyncFilterPort(_Connection):
                 raise
 
     async def _read(self) -> None:
-        with _reading(self.path, self._fail):
+        with _reading(self.path, self._sock, self._fail):
             while True:
                 frames = self._decoder.received(*(await self._sock.recvmsg(RECEIVE_SIZE, ANCILLARY_SIZE))[:3])
                 if frames is None:
@@ -474,8 +490,7 @@ class AsyncFilterPort(_Connection):
             try:
                 self._incoming.send_nowait(message)
             except trio.WouldBlock:
-                message.close()
-                raise PortProtocolError("more than 1024 messages waiting for get_message") from None
+                raise _too_many(self.path, message) from None
         else:
             raise PortProtocolError(f"a {frame.kind.name} frame after the connection was made")
 
@@ -485,3 +500,8 @@ class AsyncFilterPort(_Connection):
         for event, _ in self._answers.values():
             event.set()
         self._incoming.close()
+        while True:  # messages no one got are dropped, as the thread flavour does: calls from now on raise
+            try:
+                self._messages.receive_nowait().close()
+            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                break

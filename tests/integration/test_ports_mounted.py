@@ -321,3 +321,28 @@ def test_a_cycle_between_two_clients_is_refused_and_the_waits_before_it_complete
         assert a.command(f"reply {message['id']} go on") == {"replied": message["id"]}
         outcome = b.read()
         assert outcome["error"] == "FileNotFoundError" and outcome["errno"] == errno.ENOENT, outcome
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="platform limit: the kernel serializes a FUSE directory's lookups (fuse_lock_inode) unless the daemon "
+    "negotiates FUSE_PARALLEL_DIROPS, which pyfuse3 3.5's session does not",
+)
+def test_a_held_lookup_holds_no_other_lookup_in_its_directory(vol: MountedVolume) -> None:
+    directory = Path(vol.mountpoint) / f"held-{os.getpid()}"
+    directory.mkdir()
+    with ClientProcess(PORT, "holder", volume=vol.mountpoint) as holder, ClientProcess(PORT, "asked") as asked:
+        holder.write(f"open {directory}/ask-{asked.pid}-held")  # held in the filter until ASKED replies
+        message = asked.command("get")["message"]
+        # a name the kernel has never seen: its stat sends a LOOKUP (the waiting stat cannot be killed)
+        other = subprocess.Popen(["stat", str(directory / "never-looked-up")], stdout=subprocess.DEVNULL)
+        try:
+            other.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
+        finally:
+            held = other.poll() is None
+            asked.command(f"reply {message['id']} go on")
+            holder.read()
+            other.wait(timeout=30)
+        assert not held, "a lookup of another name in the directory waited for the held one"

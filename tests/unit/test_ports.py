@@ -69,7 +69,14 @@ from fltfuse._port.wire import (
     PortProtocolError,
     encode,
 )
-from fltfuse.port import FilterPort, PortMessage, PortNotFoundError, connect_communication_port, open_filter_port
+from fltfuse.port import (
+    MAX_WAITING_MESSAGES,
+    FilterPort,
+    PortMessage,
+    PortNotFoundError,
+    connect_communication_port,
+    open_filter_port,
+)
 from fltfuse.testing import InProcessVolume
 from tests.integration.port_filters.porttest_client import ClientProcess
 
@@ -1108,6 +1115,35 @@ async def test_a_send_to_a_client_that_stops_reading_times_out_and_blocks_nothin
             assert not stuck.connected and fine.connected
             assert "disconnected: a message to it was cut short" in caplog.text
             assert pf.disconnected == [pf.connections[0]]
+
+
+@pytest.mark.parametrize("flavour", ["thread", "trio"])
+async def test_a_client_that_stops_getting_holds_a_bounded_number_of_messages(tmp_path: Path, flavour: str) -> None:
+    """A service that stopped calling get_message: its port holds MAX_WAITING_MESSAGES of the filter's
+    messages, disconnects itself at one more (its memory stays bounded) and tells why on its next call."""
+    pf = PortFilter()
+    async with pf.volume(tmp_path) as vol, contextlib.AsyncExitStack() as stack:
+        if flavour == "thread":
+            port: Any = stack.enter_context(await connect(vol))
+        else:
+            port = await stack.enter_async_context(open_filter_port(vol.port_path(PORT), b"v1"))
+        client = pf.connections[0].client
+        for number in range(MAX_WAITING_MESSAGES):
+            await send_message(client, b"notice %d" % number, reply_capacity=None, timeout=10)
+        await trio.sleep(0.2)  # the client's reader has them all
+        assert port.connected and pf.disconnected == []
+        with contextlib.suppress(PortDisconnectedError):  # it may be written before the client hangs up
+            await send_message(client, b"one too many", reply_capacity=None, timeout=10)
+        await until(lambda: pf.disconnected, "the client to disconnect itself")
+        with pytest.raises(PortDisconnectedError):
+            await send_message(client, b"later", reply_capacity=None, timeout=10)
+        assert not port.connected
+        too_many = f"more than {MAX_WAITING_MESSAGES} messages waiting for get_message"
+        with pytest.raises(PortProtocolError, match=too_many):
+            if flavour == "thread":
+                await in_thread(port.get_message, timeout=10)
+            else:
+                await port.get_message()
 
 
 async def test_a_trio_clients_cancelled_send_disconnects_it_instead_of_garbling_the_stream(
