@@ -19,9 +19,9 @@ the timeout. "Possible": a client with several threads may answer from
 another one; a filter that knows its service does passes
 ``deadlock_check=False``.
 
-Only kernel requests count (the kernel adapter runs each one
-:func:`on_behalf_of` its calling thread): filter-initiated I/O is the
-daemon's own, and the in-process harness blocks no thread. Work items and
+Only kernel requests count (the kernel adapter sets
+:data:`requesting_thread` to each one's calling thread): filter-initiated
+I/O is the daemon's own, and the in-process harness blocks no thread. Work items and
 pended operations carry the request they were queued for. The graph is the
 daemon's, for all its volumes: threads and processes are the system's.
 """
