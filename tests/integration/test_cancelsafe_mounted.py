@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-import json
 import os
 import signal
 import subprocess
@@ -15,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from fltfuse.testing import MountedVolume, mounted_volume, why_no_mount
+from tests.child import PythonChild
 
 pytestmark = pytest.mark.skipif(why_no_mount() is not None, reason=str(why_no_mount()))
 
@@ -83,18 +83,11 @@ def wait_until_blocked_in_fuse(pid: int, timeout: float = 10.0) -> None:
     pytest.fail(f"process {pid} never blocked in a FUSE request (wchan {wchan!r})")
 
 
-def start_reader(path: str) -> subprocess.Popen[str]:
-    reader = subprocess.Popen([sys.executable, "-c", READER, path], stdout=subprocess.PIPE, text=True)
-    assert reader.stdout is not None
-    assert reader.stdout.readline() == "open\n"
+def start_reader(path: str) -> PythonChild:
+    reader = PythonChild(READER, path)
+    reader.expect("open\n")
     wait_until_blocked_in_fuse(reader.pid)
     return reader
-
-
-def reader_result(reader: subprocess.Popen[str], timeout: float = 10.0) -> dict[str, object]:
-    out, _ = reader.communicate(timeout=timeout)
-    result: dict[str, object] = json.loads(out)
-    return result
 
 
 def test_reads_under_the_path_are_held_and_others_are_not(vol: MountedVolume) -> None:
@@ -113,13 +106,13 @@ def test_a_signalled_reader_gets_eintr_at_once(vol: MountedVolume) -> None:
     reader = start_reader(held(vol))
     signalled = time.monotonic()
     os.kill(reader.pid, signal.SIGUSR1)
-    result = reader_result(reader)
+    result = reader.outcome(timeout=10)
     assert time.monotonic() - signalled < 1.0
     assert (result["n"], result["errno"], result["caught"]) == (-1, errno.EINTR, [signal.SIGUSR1])
     assert isinstance(result["took"], float) and result["took"] < DELAY / 2
     # The same file read again, unsignalled, is held for the delay and then served.
     reader = start_reader(held(vol))
-    result = reader_result(reader)
+    result = reader.outcome(timeout=10)
     assert (result["n"], result["errno"], result["data"]) == (len(CONTENT), 0, CONTENT.decode())
     assert isinstance(result["took"], float) and result["took"] >= DELAY - 0.05
 
@@ -145,13 +138,12 @@ def test_unloading_while_reads_are_queued_lets_them_go_and_the_mount_keeps_servi
         assert done.returncode == 0, done.stderr
         assert time.monotonic() - start < DELAY / 2 + 1.0  # no waiting for the delay, no hang
         for reader in readers:
-            result = reader_result(reader)
+            result = reader.outcome(timeout=10)
             assert (result["n"], result["errno"], result["data"]) == (len(CONTENT), 0, CONTENT.decode())
             assert isinstance(result["took"], float) and result["took"] < DELAY
     finally:
         for reader in readers:
             reader.kill()
-            reader.wait()
     instances = subprocess.run([*fltmc, "instances", vol.mountpoint], capture_output=True, text=True, timeout=30).stdout
     assert "cancelsafe" not in instances
     # The mount keeps serving, without the filter.

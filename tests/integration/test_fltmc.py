@@ -51,6 +51,7 @@ from fltfuse._control import MAX_LINE, PROTOCOL_VERSION, ControlError, request
 from fltfuse._volume import VolumeState, is_mounted
 from fltfuse.fltmc import main as fltmc_main
 from fltfuse.testing import MountedVolume, mounted_volume, why_no_mount
+from tests.child import PythonChild
 
 from .conftest import _wait_for as until
 
@@ -193,41 +194,13 @@ print(json.dumps({"n": n, "errno": ctypes.get_errno() if n < 0 else 0, "data": b
 """
 
 
-class Reader:
-    """A process blocked in (or done with) one pread of a file on a mount."""
-
-    def __init__(self, path: Path, offset: int, length: int = 100):
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", READER, str(path), str(offset), str(length)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        assert self.proc.stdout is not None and self.proc.stderr is not None
-        first = self.proc.stdout.readline()
-        assert first == "open\n", f"the reader failed to open {path}: {first!r} {self.proc.stderr.read()}"
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def running(self) -> bool:
-        return self.proc.poll() is None
-
-    def result(self, timeout: float) -> dict[str, Any]:
-        try:
-            out, err = self.proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"the reader (pid {self.pid}) is still blocked after {timeout:.0f}s")
-        assert self.proc.returncode == 0, f"the reader failed: {err}"
-        return json.loads(out)  # type: ignore[no-any-return]
-
-
 @contextlib.contextmanager
-def reader(vol: MountedVolume, path: Path, offset: int, length: int = 100) -> Iterator[Reader]:
-    """A Reader that is gone when the block ends: killed, and if a pended request pins it, with its daemon."""
-    r = Reader(path, offset, length)
+def reader(vol: MountedVolume, path: Path, offset: int, length: int = 100) -> Iterator[PythonChild]:
+    """A process blocked in (or done with) one pread of ``path`` (its ``outcome`` is READER's JSON) that is gone
+    when the block ends: killed, and if a pended request pins it, with its daemon."""
+    r = PythonChild(READER, path, offset, length)
     try:
+        r.expect("open\n")
         yield r
     finally:
         if r.running():
@@ -875,7 +848,7 @@ def test_stack_changes_under_io(scratch: Path) -> None:
 ALLOWED_DRAIN_ERRORS = ("still holds",)  # the one error a drain that times out must log
 
 
-def _check_cancelled(vol: MountedVolume, r: Reader, how: Sequence[str], started: float) -> None:
+def _check_cancelled(vol: MountedVolume, r: PythonChild, how: Sequence[str], started: float) -> None:
     """``how`` (fltmc's arguments) returned within the drain timeout after cancelling what the reader waits for."""
     elapsed = time.monotonic() - started
     assert DRAIN_TIMEOUT - 0.5 <= elapsed <= DRAIN_TIMEOUT + MARGIN, f"fltmc {' '.join(how)} took {elapsed:.1f}s"
@@ -884,7 +857,7 @@ def _check_cancelled(vol: MountedVolume, r: Reader, how: Sequence[str], started:
     assert f"CallbackData(READ, FileObject(inode={os.stat(vol.mountpoint + '/data.bin').st_ino}" in held[0]
     assert f"ReadParameters(offset={PEND_OFFSET}, length=100" in held[0]
     assert "it never completed its pended pre-operation; the request is cancelled" in held[0]
-    outcome = r.result(timeout=10)
+    outcome = r.outcome(timeout=10)
     assert (outcome["n"], outcome["errno"]) == (-1, errno.EINTR), outcome
 
 
@@ -947,7 +920,7 @@ def test_a_post_owed_by_a_detaching_instance_runs_with_draining(scratch: Path) -
 
         # Nothing pended below it: the upper instance's post runs when the read completes, without DRAINING.
         with reader(vol, path, PEND_OFFSET) as r:
-            assert r.result(timeout=10) == {"n": 100, "errno": 0, "data": expected}
+            assert r.outcome(timeout=10) == {"n": 100, "errno": 0, "data": expected}
         (post,) = log_lines(vol, "post READ", f"context of pid {r.pid}")
         assert post.endswith(f"fltmctest: post READ instance=Drain Upper flags=NONE context=context of pid {r.pid}")
 
@@ -969,7 +942,7 @@ def test_a_post_owed_by_a_detaching_instance_runs_with_draining(scratch: Path) -
             assert posts[0].endswith(f"post READ instance=Drain Upper flags=DRAINING context=context of pid {r.pid}")
             assert r.running()
             os.setxattr(path, "user.fltmctest.release", b"now")
-            assert r.result(timeout=10) == {"n": 100, "errno": 0, "data": expected}
+            assert r.outcome(timeout=10) == {"n": 100, "errno": 0, "data": expected}
         assert log_lines(vol, "post READ", f"context of pid {r.pid}") == posts  # and never again
         assert instances(mnt) == [
             row(vol, "fltmctest_drain", "370050", "Drain Lower", "manual", "0x1 (no automatic attach)")
@@ -1032,7 +1005,7 @@ def test_sigterm_with_a_request_held_forever(scratch: Path) -> None:
             until(lambda: not daemon_alive(vol.pid), "the daemon to exit", DRAIN_TIMEOUT + MARGIN + 10)
             elapsed = time.monotonic() - started
             assert DRAIN_TIMEOUT - 0.5 <= elapsed <= DRAIN_TIMEOUT + MARGIN, f"the daemon took {elapsed:.1f}s"
-            outcome = r.result(timeout=10)
+            outcome = r.outcome(timeout=10)
             assert (outcome["n"], outcome["errno"]) == (-1, errno.EINTR), outcome
         log = vol.log_text()
         assert "SIGTERM received: unmounting" in log
@@ -1098,7 +1071,7 @@ def test_a_callback_that_blocks_the_event_loop_is_reported_naming_its_filter(scr
             )
             assert "in its callback pre_read for CallbackData(READ" in blocked
             assert f"ReadParameters(offset={PEND_OFFSET}, length=100" in blocked and f"pid={r.pid})" in blocked
-            outcome = r.result(timeout=BLOCK_SECONDS + 10)
+            outcome = r.outcome(timeout=BLOCK_SECONDS + 10)
             assert outcome["n"] == 100 and bytes.fromhex(outcome["data"]) == data[PEND_OFFSET : PEND_OFFSET + 100]
         resumed = wait_for_log(vol, "WARNING", "the event loop runs again after")
         assert BLOCK_SECONDS - 0.5 <= float(resumed.split("after ")[1].split()[0]) <= BLOCK_SECONDS + 1.5

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
-import json
 import mmap
 import os
 import random
@@ -28,6 +27,7 @@ import pytest
 
 from filters.scanner.engines import PatternEngine, eicar
 from fltfuse.testing import MountedVolume, mounted_volume, why_no_mount
+from tests.child import PythonChild
 from tests.clamd import TEST_PATTERN, TEST_PATTERN_SIGNATURE, clamscan_verdicts, running_clamd
 from tests.scanner_service import CLEAN, Service, clamav_samples, slow_rules
 
@@ -149,17 +149,11 @@ def blocked_in_fuse(pid: int) -> bool:
         return False
 
 
-def start_opener(path: Path) -> subprocess.Popen[str]:
+def start_opener(path: Path) -> PythonChild:
     """A process opening ``path`` (OPENER); returns once it is about to call open(2)."""
-    opener = subprocess.Popen([sys.executable, "-c", OPENER, str(path)], stdout=subprocess.PIPE, text=True)
-    assert opener.stdout is not None and opener.stdout.readline() == "opening\n"
+    opener = PythonChild(OPENER, path)
+    opener.expect("opening\n")
     return opener
-
-
-def opened(opener: subprocess.Popen[str]) -> dict[str, Any]:
-    out, _ = opener.communicate(timeout=60)
-    result: dict[str, Any] = json.loads(out)
-    return result
 
 
 # -- the pattern engine -----------------------------------------------------------------------------------------
@@ -520,7 +514,7 @@ def test_a_large_scan_does_not_hold_up_other_io(
     listing = subprocess.run(["ls", "-l", str(mnt(vol, "large"))], capture_output=True, text=True, check=True)
     small = cat(mnt(vol, "large/small.txt"))
     done = time.monotonic()
-    big = opened(opener)
+    big = opener.outcome(timeout=60)
     assert "big.bin" in listing.stdout and small.stdout == CLEAN
     assert big["errno"] == 0
     assert big["start"] < start and done < big["end"], (big, start, done)
@@ -552,7 +546,7 @@ def test_a_service_killed_mid_scan_gets_the_policy_at_once(
     wait_for(lambda: bytes_read() > before + (4 << 20), "the service to be reading the file")
     service.signal(signal.SIGKILL)
     killed = time.monotonic()
-    big = opened(opener)
+    big = opener.outcome(timeout=60)
     assert big["errno"] == (errno.EACCES if policy == "deny" else 0)
     assert big["end"] - killed < timeout / 4, "the policy waited for the timeout"
     assert re.search(r"scanner: no verdict for /killed/big\.bin: .*disconnected", on.log_text())
@@ -581,7 +575,7 @@ def test_a_stopped_service_costs_an_open_the_timeout_then_the_policy(
     service.signal(signal.SIGSTOP)
     opener = start_opener(mnt(allow_vol, "hung/a.txt"))
     assert cat(mnt(allow_vol, "hung/b.log")).stdout == EICAR
-    result = opened(opener)
+    result = opener.outcome(timeout=60)
     assert result["errno"] == 0
     assert ALLOW_TIMEOUT - 0.1 <= result["end"] - result["start"] < ALLOW_TIMEOUT + 3, result
     assert f"scanner: no verdict for /hung/a.txt within {ALLOW_TIMEOUT} s" in allow_vol.log_text()
