@@ -50,7 +50,8 @@ Design and operation
   A dying service is seen at once (its socket closes), not at the timeout.
 * **Quarantine** (``Quarantine`` = a directory name at the volume root,
   empty to disable): a file found infected is renamed there as
-  ``<inode>-<name>``.
+  ``<inode>-<name>``, or ``<inode>-<n>-<name>`` when that is taken (another
+  link to it was quarantined first); never over another file.
 
 Parameters (INF ``Parameters`` key, ``--param scanner.KEY=VALUE``):
 ``Extensions``, ``Policy``, ``ScanTimeout``, ``ScanWrites``, ``Quarantine``.
@@ -362,8 +363,21 @@ def _refuses(data: ScannerData, result: ScanResult | None, name: str, what: str)
     return False
 
 
+NAME_MAX = 255  # the longest name ext4 takes
+RENAME_NOREPLACE = 1  # RenameParameters.flags: fail with OBJECT_NAME_COLLISION rather than replace
+QUARANTINE_ATTEMPTS = 100  # names tried before the move is given up
+
+
+def quarantine_name(inode: int, name: bytes, attempt: int) -> bytes:
+    """The name a file gets in quarantine: ``<inode>-<name>`` at the first attempt, ``<inode>-<attempt>-<name>``
+    after (the name was taken: another link to the same file, or an earlier file with the same inode number).
+    A long name loses bytes from its front, so the result fits NAME_MAX and keeps its extension."""
+    prefix = f"{inode}-{attempt}-" if attempt > 1 else f"{inode}-"
+    return prefix.encode() + name[max(0, len(prefix) + len(name) - NAME_MAX) :]
+
+
 async def _quarantine(objects: RelatedObjects, data: ScannerData, file_object: FileObject, name: str) -> None:
-    """Move an infected file into the quarantine directory, as ``<inode>-<name>``."""
+    """Move an infected file into the quarantine directory under ``quarantine_name``, never over another file."""
     if not data.quarantine or file_object.link is None:
         return
     parent, final = file_object.link
@@ -373,10 +387,13 @@ async def _quarantine(objects: RelatedObjects, data: ScannerData, file_object: F
         log.error("scanner: quarantine directory %s: %s", data.quarantine, exc)
         return
     try:
-        new_name = f"{file_object.inode}-".encode() + final
-        move = RenameParameters(parent, final, directory.inode, new_name)
-        cbd = allocate_callback_data(objects, FileObject(parent), move)
-        await perform_io_synchronously(objects, cbd)
+        for attempt in range(1, QUARANTINE_ATTEMPTS + 1):
+            new_name = quarantine_name(file_object.inode, final, attempt)
+            move = RenameParameters(parent, final, directory.inode, new_name, RENAME_NOREPLACE)
+            cbd = allocate_callback_data(objects, FileObject(parent), move)
+            await perform_io_synchronously(objects, cbd)
+            if cbd.io_status.status != NtStatus.OBJECT_NAME_COLLISION:
+                break
         if cbd.io_status.status:
             log.error("scanner: moving %s into quarantine failed: %s", name, NtStatus(cbd.io_status.status).name)
         else:

@@ -250,6 +250,35 @@ async def test_writes_after_the_last_cleanup_are_rescanned_at_close(bench: Bench
     assert service.verdicts()[2:] == ["clean close /other.txt"]
 
 
+async def test_quarantine_never_replaces_a_file_and_fits_long_names(bench: Bench) -> None:
+    """Two links with one name, in two directories, whose ``<ino>-<name>`` an earlier file with the same inode
+    number holds: they go to ``<ino>-2-<name>`` and ``<ino>-3-<name>``, and the earlier file stays. A 250-byte
+    name loses bytes from its front and keeps its end."""
+    vol = bench.volume(Quarantine=".quarantine")
+    for directory in ("a", "b", ".quarantine"):
+        (vol.directory / directory).mkdir()
+    (vol.directory / "a" / "eicar.com").write_bytes(EICAR)
+    os.link(vol.directory / "a" / "eicar.com", vol.directory / "b" / "eicar.com")
+    ino = os.stat(vol.directory / "a" / "eicar.com").st_ino
+    earlier = vol.directory / ".quarantine" / f"{ino}-eicar.com"
+    earlier.write_bytes(b"an earlier file")
+    long_name = "x" * 246 + ".txt"
+    (vol.directory / long_name).write_bytes(EICAR)
+    long_ino = os.stat(vol.directory / long_name).st_ino
+    await bench.serve(vol)
+    for path in ("a/eicar.com", "b/eicar.com", long_name):
+        with pytest.raises(OSError) as excinfo:
+            await vol.read_file(path)
+        assert denied(excinfo)
+    prefix = f"{long_ino}-"
+    cut = prefix + long_name[-(255 - len(prefix)) :]
+    assert len(cut) == 255
+    expected = [earlier.name, f"{ino}-2-eicar.com", f"{ino}-3-eicar.com", cut]
+    assert sorted(os.listdir(vol.directory / ".quarantine")) == sorted(expected)
+    assert earlier.read_bytes() == b"an earlier file"
+    assert sorted(os.listdir(vol.directory)) == [".quarantine", "a", "b"]  # every infected name moved
+
+
 # -- the verdict cache ------------------------------------------------------------------------------------------
 
 
