@@ -83,6 +83,7 @@ import enum
 import errno
 import logging
 import os
+import platform
 import time
 from collections import OrderedDict, deque
 from collections.abc import Mapping
@@ -296,29 +297,37 @@ _MINOR_FIELDS = ("information_class", "minor", "control_code")
 _NOT_ARGUMENTS = frozenset({"parent", "new_parent", "new_name", *_MINOR_FIELDS})  # named elsewhere
 _CONTENTS = frozenset({"data", "value"})  # what is written, shown as its length
 _ACCESS_MODES = {os.O_RDONLY: "O_RDONLY", os.O_WRONLY: "O_WRONLY", os.O_RDWR: "O_RDWR"}
-_OPEN_FLAGS = tuple(
-    (getattr(os, name), name)
-    for name in (
-        "O_SYNC",  # before O_DSYNC, whose bit it includes
-        "O_DSYNC",
-        "O_CREAT",
-        "O_EXCL",
-        "O_NOCTTY",
-        "O_TRUNC",
-        "O_APPEND",
-        "O_NONBLOCK",
-        "O_DIRECT",
-        "O_DIRECTORY",
-        "O_NOFOLLOW",
-        "O_NOATIME",
-        "O_CLOEXEC",
-        "O_PATH",
-    )
+# The kernel's O_LARGEFILE (which 64-bit callers get on every open): Python's os.O_LARGEFILE is 0 on 64-bit
+# machines, and the bit differs between architectures (the generic value elsewhere).
+_O_LARGEFILE = {"aarch64": 0o400000, "armv7l": 0o400000, "ppc64le": 0o200000, "ppc64": 0o200000}.get(
+    platform.machine(), 0o100000
+)
+_OPEN_FLAGS = (
+    *(
+        (getattr(os, name), name)
+        for name in (
+            "O_SYNC",  # before O_DSYNC, whose bit it includes
+            "O_DSYNC",
+            "O_CREAT",
+            "O_EXCL",
+            "O_NOCTTY",
+            "O_TRUNC",
+            "O_APPEND",
+            "O_NONBLOCK",
+            "O_DIRECT",
+            "O_DIRECTORY",
+            "O_NOFOLLOW",
+            "O_NOATIME",
+            "O_CLOEXEC",
+            "O_PATH",
+        )
+    ),
+    (_O_LARGEFILE, "O_LARGEFILE"),
 )
 
 
 def open_flags(flags: int) -> str:
-    """open(2) flags as text: ``O_WRONLY|O_CREAT|0o100000`` (bits without a name in octal)."""
+    """open(2) flags as text: ``O_WRONLY|O_CREAT|O_LARGEFILE`` (bits without a name in octal)."""
     names = [_ACCESS_MODES.get(flags & os.O_ACCMODE, f"0o{flags & os.O_ACCMODE:o}")]
     rest = flags & ~os.O_ACCMODE
     for bit, name in _OPEN_FLAGS:

@@ -215,7 +215,8 @@ async def test_cache_only_name_queries_that_miss_leave_records_without_names(tmp
         (os.O_RDONLY, "O_RDONLY"),
         (os.O_RDWR | os.O_APPEND | os.O_CLOEXEC, "O_RDWR|O_APPEND|O_CLOEXEC"),
         (os.O_WRONLY | os.O_SYNC, "O_WRONLY|O_SYNC"),
-        (os.O_WRONLY | os.O_DSYNC | 0o100000, "O_WRONLY|O_DSYNC|0o100000"),
+        (os.O_WRONLY | os.O_DSYNC | 0o100000, "O_WRONLY|O_DSYNC|O_LARGEFILE"),  # x86-64's O_LARGEFILE
+        (os.O_RDONLY | 0o10000000000, "O_RDONLY|0o10000000000"),  # no name: in octal
     ],
 )
 def test_open_flags_read_as_their_names(flags: int, text: str) -> None:
