@@ -83,7 +83,7 @@ _STRIP_ON_OPEN = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_APPEND | os.O_DIREC
 _STRIP_ON_CREATE = os.O_APPEND | os.O_DIRECT
 _DIRECT_IO_ALIGNMENT = 512  # the loop device's logical block size: ext4's O_DIRECT offset alignment
 _CAP_SYS_ADMIN = 21
-_INLINE_READ = 32 * 1024  # a cache miss this small is read in the event loop (measured: scripts/bench.py randread)
+_INLINE_READ = 32 * 1024  # a cache miss this small is read in the event loop (BENCHMARKS.md: randread, encryption)
 
 
 class _DirectoryHandle:
