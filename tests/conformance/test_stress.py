@@ -229,6 +229,13 @@ class PrivateModel:
             err = errno.ENOENT
         return err, node
 
+    def with_xattr(self, path: str, name: str) -> tuple[int | None, Node | None]:
+        """Like :meth:`existing`, but a file without extended attribute ``name`` is ENODATA."""
+        err, node = self.existing(path)
+        if err is None and node is not None and name not in node.xattrs:
+            err = errno.ENODATA
+        return err, node
+
     def children(self, path: str) -> list[str]:
         prefix = path + "/" if path else ""
         return sorted(n[len(prefix) :] for n in self.names if n.startswith(prefix) and "/" not in n[len(prefix) :])
@@ -566,9 +573,7 @@ class PrivateRun:
         return self._result(ok, err)
 
     def op_removexattr(self, path: str, name: str) -> str:
-        err, node = self.model.existing(path)
-        if err is None and node is not None and name not in node.xattrs:
-            err = errno.ENODATA
+        err, node = self.model.with_xattr(path, name)
         ok, _ = self.expect(err, lambda: os.removexattr(self.path(path), name))
         if ok:
             assert node is not None
@@ -576,9 +581,7 @@ class PrivateRun:
         return self._result(ok, err)
 
     def op_getxattr(self, path: str, name: str) -> str:
-        err, node = self.model.existing(path)
-        if err is None and node is not None and name not in node.xattrs:
-            err = errno.ENODATA
+        err, node = self.model.with_xattr(path, name)
         ok, value = self.expect(err, lambda: os.getxattr(self.path(path), name))
         if ok:
             assert node is not None
